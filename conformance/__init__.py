@@ -1,0 +1,1 @@
+"""Conformance suite: validate generation engines against the reference."""

@@ -1,0 +1,52 @@
+"""The reference generation engine: compact, readable, mlx-lm-compatible.
+
+Where to find things:
+
+- model.py             the Llama-family transformer
+- kv_cache.py          KVCache, RotatingKVCache, prompt-cache save/load/trim
+- prefill.py           chunked prompt processing
+- sampler.py           temperature, top-k, top-p, min-p sampling
+- logits_processors.py logit bias and repetition/presence/frequency penalties
+- generate.py          generate_step, stream_generate, generate
+- speculative.py       speculative decoding with a draft model
+- tokenizer.py         tokenizer wrapper and the streaming detokenizer
+- loading.py           load(): built-in models, HF folders, GGUF files, Hub ids
+- dummy.py, gguf.py    the built-in tiny models; the GGUF reader
+- export.py            write a model as a standard Hugging Face folder
+"""
+
+from .generate import GenerationResponse, generate, generate_step, stream_generate
+from .kv_cache import (
+    KVCache,
+    RotatingKVCache,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+try:
+    from .loading import load
+except ImportError:  # TEMP
+    pass
+from .logits_processors import make_logits_processors
+from .sampler import make_sampler
+from .speculative import speculative_generate_step
+
+__all__ = [
+    "GenerationResponse",
+    "KVCache",
+    "RotatingKVCache",
+    "can_trim_prompt_cache",
+    "generate",
+    "generate_step",
+    "load",
+    "load_prompt_cache",
+    "make_logits_processors",
+    "make_prompt_cache",
+    "make_sampler",
+    "save_prompt_cache",
+    "speculative_generate_step",
+    "stream_generate",
+    "trim_prompt_cache",
+]

@@ -1,0 +1,202 @@
+"""The built-in test models ``dummy`` and ``dummy-draft``: tiny, deterministic, file-free.
+
+Both are small Llama models (GQA, RoPE, RMSNorm, SwiGLU, untied head) whose
+weights come from NumPy's PCG64 generator with a fixed seed, so every machine
+builds bit-identical float32 weights without downloading anything.
+
+The tokenizer is byte level with no merges: one token per UTF-8 byte (token id
+= byte value), plus a few special tokens and a ChatML chat template. A
+non-ASCII character such as "é" spans two tokens, which is what streaming
+detokenizer tests need.
+
+The initial scales are tuned for *well-conditioned* greedy decoding: along the
+greedy path of ``STANDARD_PROMPTS`` the gap between the best and second-best
+log-probability is large (median well above 0.5 nats), so two correct engines
+that differ by float rounding still pick the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .model import Model, ModelArgs
+from .tokenizer import TokenizerWrapper
+
+PAD, END_OF_TEXT, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, END_OF_TEXT, IM_START, IM_END]
+BYTE_VOCAB_SIZE = 256
+VOCAB_SIZE = BYTE_VOCAB_SIZE + len(SPECIAL_TOKENS)
+
+# Ids of the special tokens follow the 256 byte tokens, in SPECIAL_TOKENS order.
+PAD_ID, END_OF_TEXT_ID, IM_START_ID, IM_END_ID = range(BYTE_VOCAB_SIZE, VOCAB_SIZE)
+# <|im_end|> ends a chat turn; <|endoftext|> ends a document. Two EOS ids, as in
+# many real models, so that "stop on any of several EOS ids" gets exercised.
+EOS_TOKEN_IDS = [IM_END_ID, END_OF_TEXT_ID]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Short prompts on which the dummy models are measured to be well conditioned.
+STANDARD_PROMPTS = [
+    "Hello, world!",
+    "The quick brown fox",
+    "Once upon a time",
+    "What is the capital of France?",
+    "A café in Paris",
+    "1, 2, 3, 4,",
+    "def main():",
+]
+
+
+@dataclass(frozen=True)
+class DummySpec:
+    """What distinguishes one built-in dummy model from another."""
+
+    seed: int
+    num_hidden_layers: int
+    description: str
+
+
+DUMMY_MODELS = {
+    "dummy": DummySpec(
+        seed=20240601,
+        num_hidden_layers=2,
+        description="tiny deterministic Llama (byte vocab, 2 layers, GQA 4/2 heads, fp32)",
+    ),
+    "dummy-draft": DummySpec(
+        seed=20240602,
+        num_hidden_layers=1,
+        description="draft model for 'dummy': same tokenizer, other seed, 1 layer",
+    ),
+}
+
+FAMILY_SEED = 20240600
+
+# Standard deviations of the initial weights, as multiples of 1/sqrt(fan_in).
+# The head gain sets how peaked the next-token distribution is (and so the
+# greedy margins); the attention gain makes attention patterns far from
+# uniform, so that the output depends on positions and on the cache contents.
+EMBEDDING_STD = 1.0
+ATTENTION_GAIN = 2.0
+MLP_GAIN = 1.0
+HEAD_GAIN = 10.0
+NORM_JITTER = 0.1
+OUTPUT_GAIN = 0.2
+
+
+def dummy_config(spec: DummySpec) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a dummy model."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "pad_token_id": PAD_ID,
+        "eos_token_id": EOS_TOKEN_IDS,
+    }
+
+
+def initial_weight(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """One parameter's initial value, drawn from ``rng``; the scale depends on its role."""
+    if name.endswith("norm.weight"):
+        # Not all ones, so that a loader that drops norm weights is caught.
+        return 1.0 + NORM_JITTER * rng.standard_normal(shape)
+    if name == "model.embed_tokens.weight":
+        return EMBEDDING_STD * rng.standard_normal(shape)
+    gain = HEAD_GAIN if name == "lm_head.weight" else ATTENTION_GAIN
+    if ".mlp." in name:
+        gain = MLP_GAIN
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        gain = OUTPUT_GAIN
+    return gain / np.sqrt(shape[-1]) * rng.standard_normal(shape)
+
+
+def dummy_weights(args: ModelArgs, seed: int) -> dict[str, mx.array]:
+    """All parameters of a dummy model, in float32.
+
+    The transformer layers are drawn from ``seed``. The embedding, final norm
+    and head are drawn from ``FAMILY_SEED``, shared by all dummy models: like a
+    real draft model of the same family, ``dummy-draft`` then often predicts
+    the same next token as ``dummy``, so speculative decoding accepts some
+    drafts instead of rejecting them all. Each group is drawn in sorted-name
+    order, so the values depend only on the seeds and the architecture.
+    """
+    shapes = {name: tuple(p.shape) for name, p in tree_flatten(Model(args).parameters())}
+    shared = sorted(name for name in shapes if ".layers." not in name)
+    layers = sorted(name for name in shapes if ".layers." in name)
+    weights = {}
+    for names, group_seed in ((shared, FAMILY_SEED), (layers, seed)):
+        rng = np.random.Generator(np.random.PCG64(group_seed))
+        for name in names:
+            weights[name] = mx.array(initial_weight(name, shapes[name], rng).astype(np.float32))
+    return weights
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, used by byte-level BPE vocabularies.
+
+    Printable Latin-1 bytes map to themselves; the others (control characters,
+    space, ...) are shifted to code points from 256 upward, so every byte has a
+    visible, whitespace-free character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    mapping = {b: chr(b) for b in printable}
+    shifted = (b for b in range(BYTE_VOCAB_SIZE) if b not in mapping)
+    for n, b in enumerate(shifted):
+        mapping[b] = chr(BYTE_VOCAB_SIZE + n)
+    return dict(sorted(mapping.items()))
+
+
+def dummy_hf_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte-level tokenizer of the dummy models, as a transformers tokenizer."""
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def dummy_tokenizer() -> TokenizerWrapper:
+    return TokenizerWrapper(dummy_hf_tokenizer(), eos_token_ids=EOS_TOKEN_IDS)
+
+
+def build_dummy(name: str) -> tuple[Model, TokenizerWrapper, dict[str, Any]]:
+    """Build the named dummy model: ``(model, tokenizer, config)``."""
+    spec = DUMMY_MODELS[name]
+    config = dummy_config(spec)
+    args = ModelArgs.from_config(config)
+    model = Model(args)
+    model.load_weights(list(dummy_weights(args, spec.seed).items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, dummy_tokenizer(), config

@@ -1,0 +1,242 @@
+"""Key/value caches: the memory of past positions, and the masks that go with it.
+
+Each attention layer owns one cache. A cache answers three questions:
+
+* ``offset``: the absolute position of the next token (for RoPE);
+* ``make_mask(n)``: which stored and new keys each of ``n`` new queries may see;
+* ``update_and_fetch(k, v)``: store the new keys/values, return all visible ones.
+
+``KVCache`` keeps everything. ``RotatingKVCache`` keeps the ``keep`` first
+positions plus a sliding window; its keys are stored in temporal order, so the
+mask follows from positions alone and is the same however the prompt was chunked.
+
+Batched variants (one row per sequence, left padding) live in ``batch_cache.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Grows without bound; storage grows in ``step``-sized blocks to avoid copies."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start, end = self.offset, self.offset + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            self._grow(keys, values, end)
+        self.keys[..., start:end, :] = keys
+        self.values[..., start:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        capacity = -(-needed // self.step) * self.step
+
+        def grown(old: mx.array | None, new: mx.array) -> mx.array:
+            B, H, _, D = new.shape
+            buffer = mx.zeros((B, H, capacity, D), new.dtype)
+            if old is not None:
+                buffer[..., : self.offset, :] = old[..., : self.offset, :]
+            return buffer
+
+        self.keys, self.values = grown(self.keys, keys), grown(self.values, values)
+
+    def make_mask(self, n: int) -> mx.array | None:
+        if n == 1:
+            return None
+        queries = mx.arange(self.offset, self.offset + n)
+        return queries[:, None] >= mx.arange(self.offset + n)[None]
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        return {"offset": self.offset}
+
+    @classmethod
+    def from_state(cls, state, meta: dict[str, Any]) -> "KVCache":
+        cache = cls()
+        cache.keys, cache.values = state
+        cache.offset = meta["offset"]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RotatingKVCache:
+    """Keeps the first ``keep`` positions and a sliding window of recent ones.
+
+    Semantics (exact, independent of how the input was chunked): the query at
+    position p sees key position q iff ``q <= p`` and (``q < keep`` or
+    ``p - q < max_size - keep``). Between calls at most ``max_size - 1``
+    positions are stored: ``keep`` sinks and ``window - 1`` recent keys, so a
+    single new token sees exactly ``max_size`` keys, itself included.
+    """
+
+    def __init__(self, max_size: int, keep: int = 0):
+        if max_size <= keep:
+            raise ValueError(f"max_size ({max_size}) must exceed keep ({keep})")
+        self.max_size = max_size
+        self.keep = keep
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    @property
+    def window(self) -> int:
+        return self.max_size - self.keep
+
+    def stored_positions(self) -> mx.array:
+        stored = 0 if self.keys is None else self.keys.shape[2]
+        sinks = min(self.keep, stored)
+        recent = stored - sinks
+        return mx.concatenate(
+            [mx.arange(sinks), mx.arange(self.offset - recent, self.offset)]
+        ).astype(mx.int32)
+
+    def make_mask(self, n: int) -> mx.array | None:
+        keys = mx.concatenate([self.stored_positions(), mx.arange(self.offset, self.offset + n)])
+        queries = mx.arange(self.offset, self.offset + n)[:, None]
+        visible = (keys[None] <= queries) & (
+            (keys[None] < self.keep) | (queries - keys[None] < self.window)
+        )
+        if n == 1 and visible.all().item():
+            return None
+        return visible
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.offset += keys.shape[2]
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = self._retain(keys), self._retain(values)
+        return keys, values
+
+    def _retain(self, x: mx.array) -> mx.array:
+        """Sinks plus the ``window - 1`` most recent positions of ``x``."""
+        if x.shape[2] <= self.max_size - 1:
+            return x
+        recent = self.window - 1
+        tail = x[..., x.shape[2] - recent :, :] if recent else x[..., :0, :]
+        return mx.concatenate([x[..., : self.keep, :], tail], axis=2)
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size - 1)
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def is_trimmable(self) -> bool:
+        # Once positions have been evicted they cannot be restored.
+        return self.offset < self.max_size
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        if self.keys is not None:
+            self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        return {"offset": self.offset, "max_size": self.max_size, "keep": self.keep}
+
+    @classmethod
+    def from_state(cls, state, meta: dict[str, Any]) -> "RotatingKVCache":
+        cache = cls(meta["max_size"], meta["keep"])
+        cache.keys, cache.values = state
+        cache.offset = meta["offset"]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}
+
+
+def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
+    """One cache per layer: the model's own kind, or a sliding window of ``max_kv_size``.
+
+    As in mlx-lm, a window from ``max_kv_size`` keeps the first 4 positions.
+    Unlike mlx-lm, ``max_kv_size`` is honoured even when the model has its own
+    ``make_cache`` (mlx-lm silently ignores it there).
+    """
+    if max_kv_size is not None:
+        if max_kv_size <= 4:
+            raise ValueError(f"max_kv_size must be > 4 (4 sink positions are kept), got {max_kv_size}")
+        return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
+    if hasattr(model, "make_cache"):
+        return model.make_cache()
+    return [KVCache() for _ in model.layers]
+
+
+def can_trim_prompt_cache(cache: list) -> bool:
+    return all(c.is_trimmable() for c in cache)
+
+
+def trim_prompt_cache(cache: list, num_tokens: int) -> int:
+    """Drop the last ``num_tokens`` positions from every layer; return how many were dropped."""
+    if not cache or not can_trim_prompt_cache(cache):
+        return 0
+    return [c.trim(num_tokens) for c in cache][0]
+
+
+def save_prompt_cache(file_name: str, cache: list, metadata: dict[str, str] | None = None) -> None:
+    """Write a cache to ``.safetensors``: arrays per layer, classes and offsets as metadata."""
+    arrays = {}
+    for i, layer in enumerate(cache):
+        keys, values = layer.state
+        if keys is not None:
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = keys, values
+    layers = [{"class": type(c).__name__, **c.meta_state} for c in cache]
+    header = {"lmconform.layers": json.dumps(layers), "lmconform.user": json.dumps(metadata or {})}
+    mx.save_safetensors(str(file_name), arrays, header)
+
+
+def load_prompt_cache(file_name: str, return_metadata: bool = False):
+    arrays, header = mx.load(str(file_name), return_metadata=True)
+    if "lmconform.layers" not in header:
+        raise ValueError(f"{file_name}: not a prompt cache written by save_prompt_cache")
+    cache = []
+    for i, meta in enumerate(json.loads(header["lmconform.layers"])):
+        cls = CACHE_CLASSES[meta.pop("class")]
+        state = (arrays.get(f"{i}.keys"), arrays.get(f"{i}.values"))
+        cache.append(cls.from_state(state, meta))
+    if return_metadata:
+        return cache, json.loads(header["lmconform.user"])
+    return cache
