@@ -25,10 +25,7 @@ from .kv_cache import (
     save_prompt_cache,
     trim_prompt_cache,
 )
-try:
-    from .loading import load
-except ImportError:  # TEMP
-    pass
+from .loading import load
 from .logits_processors import make_logits_processors
 from .sampler import make_sampler
 from .speculative import speculative_generate_step

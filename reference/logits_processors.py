@@ -13,6 +13,17 @@ import mlx.core as mx
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+def occurs(tokens: mx.array, vocab_size: int) -> mx.array:
+    """Boolean (vocab,) mask of the ids present in ``tokens`` (duplicates count once).
+
+    Processors build new arrays rather than writing into ``logits``: mlx-lm's
+    write in place, which silently changes the caller's array.
+    """
+    mask = mx.zeros((vocab_size,), dtype=mx.bool_)
+    mask[tokens] = True
+    return mask
+
+
 def make_logit_bias(logit_bias: dict[int, float]) -> LogitsProcessor:
     indices = mx.array([int(k) for k in logit_bias])
     values = mx.array([float(v) for v in logit_bias.values()])
@@ -31,10 +42,9 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsPro
     def repetition_penalty_processor(tokens, logits):
         if len(tokens) == 0:
             return logits
-        recent = tokens[-context_size:]
-        chosen = logits[:, recent]
-        logits[:, recent] = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
-        return logits
+        seen = occurs(tokens[-context_size:], logits.shape[-1])
+        penalised = mx.where(logits < 0, logits * penalty, logits / penalty)
+        return mx.where(seen, penalised, logits)
 
     return repetition_penalty_processor
 
@@ -43,9 +53,9 @@ def make_presence_penalty(penalty: float, context_size: int = 20) -> LogitsProce
     """Subtract ``penalty`` once from each token present in the recent context."""
 
     def presence_penalty_processor(tokens, logits):
-        if len(tokens) > 0:
-            logits[:, tokens[-context_size:]] -= penalty
-        return logits
+        if len(tokens) == 0:
+            return logits
+        return mx.where(occurs(tokens[-context_size:], logits.shape[-1]), logits - penalty, logits)
 
     return presence_penalty_processor
 

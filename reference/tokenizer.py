@@ -91,6 +91,11 @@ class TokenizerWrapper:
             raise ValueError(f"'{token}' is not a token of this vocabulary")
         self._eos_token_ids.add(int(token_id))
 
+    def apply_chat_template(self, *args, tokenize: bool = True, **kwargs):
+        """As in transformers, but token ids come back as a plain list (as in mlx-lm)."""
+        kwargs.setdefault("return_dict", False)
+        return self._tokenizer.apply_chat_template(*args, tokenize=tokenize, **kwargs)
+
     @property
     def detokenizer(self) -> StreamingDetokenizer:
         """A new streaming detokenizer (each generation needs its own)."""

@@ -1,0 +1,95 @@
+"""Precision profiles: how close two correct engines can be expected to agree.
+
+Two correct engines never produce bit-identical logits: they sum in different
+orders, use different kernels, and may store weights or activations at lower
+precision. A profile states, for one precision regime, two numbers:
+
+- ``tie_epsilon``: a reference top-1/top-2 log-probability margin below this
+  is a *near-tie*; correct engines may legitimately pick either token there.
+- ``logprob_atol`` / ``logprob_rtol``: how far a chosen token's logprob may be
+  from the reference's, over the steps where both chose the same token.
+
+The numbers come from measurement on this project's models (see the README's
+conformance section), with headroom of roughly ten times the largest deviation
+seen between correct engines, and remain far below the effect of any real bug
+in the mutant tests (a wrong bias, a lost position, a changed temperature all
+move logprobs by tenths to whole nats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrecisionProfile:
+    name: str
+    tie_epsilon: float
+    logprob_atol: float
+    logprob_rtol: float
+    description: str
+
+    def logprobs_agree(self, expected: float, actual: float) -> bool:
+        return abs(expected - actual) <= self.logprob_atol + self.logprob_rtol * abs(expected)
+
+    def logprob_tolerance(self, expected: float) -> float:
+        return self.logprob_atol + self.logprob_rtol * abs(expected)
+
+
+PROFILES: dict[str, PrecisionProfile] = {
+    profile.name: profile
+    for profile in (
+        PrecisionProfile(
+            "fp32",
+            tie_epsilon=1e-2,
+            logprob_atol=2e-3,
+            logprob_rtol=1e-4,
+            description="float32 weights and activations: differences come from summation order",
+        ),
+        PrecisionProfile(
+            "fp16",
+            tie_epsilon=0.1,
+            logprob_atol=0.05,
+            logprob_rtol=5e-3,
+            description="float16 activations (10-bit mantissa)",
+        ),
+        PrecisionProfile(
+            "bf16",
+            tie_epsilon=0.3,
+            logprob_atol=0.15,
+            logprob_rtol=1e-2,
+            description="bfloat16 activations (7-bit mantissa)",
+        ),
+        PrecisionProfile(
+            "q8",
+            tie_epsilon=0.1,
+            logprob_atol=0.05,
+            logprob_rtol=5e-3,
+            description="8-bit weights; engines may also quantize activations to 8 bits",
+        ),
+        PrecisionProfile(
+            "q4",
+            tie_epsilon=0.2,
+            logprob_atol=0.1,
+            logprob_rtol=1e-2,
+            description=(
+                "4-bit weights (same dequantized values in every engine); engines may "
+                "quantize activations (llama.cpp does), which moves logits by a few hundredths"
+            ),
+        ),
+    )
+}
+
+# The profile used for a model when the user does not name one.
+DEFAULT_PROFILE = {"dummy": "fp32", "dummy-draft": "fp32", "smollm2-135m": "q4"}
+
+
+def get_profile(name: str) -> PrecisionProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown precision profile {name!r}; choose from {sorted(PROFILES)}") from None
+
+
+def profile_for_model(model: str, override: str | None = None) -> PrecisionProfile:
+    return get_profile(override or DEFAULT_PROFILE.get(model, "fp32"))
