@@ -21,8 +21,8 @@ one); that bound is used, and it can only make a divergence *less* tie-like.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .profiles import PrecisionProfile
 from .protocol import TokenEvent, Trace
