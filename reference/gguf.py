@@ -48,7 +48,9 @@ LAYER_TENSORS = {
 # frequencies (we compute them from the config).
 IGNORED_TENSORS = {"rope_freqs"}
 
-SUPPORTED_ARCHITECTURES = {"llama", "qwen2"}
+# Only llama: llama.cpp permutes the q/k rows of llama models (see ``unpermute_qk``)
+# but not of other architectures, which would each need their own handling.
+SUPPORTED_ARCHITECTURES = {"llama"}
 # GGUF token types (llama.cpp ``llama_token_type``).
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -92,7 +94,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
 
 
 def plain_value(value: Any) -> Any:
-    """GGUF metadata as plain Python: scalars as int/float/bool, short arrays as lists."""
+    """GGUF metadata as plain Python: scalars as int/float/bool, arrays as lists."""
     if isinstance(value, mx.array):
         return value.item() if value.ndim == 0 else value.tolist()
     return value
@@ -125,7 +127,7 @@ def gguf_config(metadata: dict[str, Any], has_output: bool) -> dict[str, Any]:
     hidden = get("embedding_length")
     heads = get("attention.head_count")
     config = {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": ["LlamaForCausalLM"],
         "model_type": arch,
         "vocab_size": get("vocab_size", len(metadata["tokenizer.ggml.tokens"])),
         "hidden_size": hidden,

@@ -1,0 +1,56 @@
+"""The reference engine (package ``reference``) as an engine under test.
+
+It is driven through the same mlx-lm-style calls as mlx-lm itself (see
+``mlx_style.py``), so running the suite on it checks that the reference keeps
+its own promises: stream equals non-stream, batch equals single, and so on.
+It also serves the suite as the *oracle*: tokenizer, embeddings, answers.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+
+import reference
+
+from .mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+
+
+class ReferenceEngine(MlxStyleEngine):
+    name = "reference"
+    model_formats = ("builtin",)
+    # Batching comes with reference.BatchGenerator; until then the capability is not claimed.
+    capabilities = ALL_BUT_BATCH | ({"batch"} if hasattr(reference, "BatchGenerator") else set())
+    api = SimpleNamespace(
+        **{
+            name: getattr(reference, name)
+            for name in (
+                "stream_generate",
+                "generate_step",
+                "speculative_generate_step",
+                "make_sampler",
+                "make_logits_processors",
+                "make_prompt_cache",
+                "trim_prompt_cache",
+                "can_trim_prompt_cache",
+                "BatchGenerator",
+            )
+            if hasattr(reference, name)
+        }
+    )
+
+    def load(self, source):
+        return reference.load(source.name)
+
+    def load_draft(self, name: str):
+        return reference.load(name)[0]
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        """The model's input embeddings of ``tokens`` (positions x hidden), as float32."""
+        vectors = self.model.model.embed_tokens(mx.array(tokens, dtype=mx.int32))
+        return np.array(vectors.astype(mx.float32))
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "version": "lmconform reference", "model": self.source.describe()}
