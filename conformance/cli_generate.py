@@ -13,7 +13,9 @@ def add_parser(subparsers) -> None:
         description="Generate with the reference engine; prints the text, then prompt and "
         "generation speed, peak memory and finish reason.",
     )
-    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder, .gguf or Hub id")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="built-in name, folder, .gguf or Hub id"
+    )
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="raw prompt text")
     prompt.add_argument("--chat", help="user message, wrapped in the model's chat template")

@@ -16,8 +16,8 @@ call of a logits processor sees the prompt plus ``max_tokens`` tokens.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Callable, Generator
 
 import mlx.core as mx
 

@@ -26,7 +26,9 @@ def hidden_size(model) -> int:
 
 def check_max_tokens(max_tokens: int) -> None:
     if not isinstance(max_tokens, int) or max_tokens == 0 or max_tokens < -1:
-        raise ValueError(f"max_tokens must be a positive integer (or -1 for no limit), got {max_tokens!r}")
+        raise ValueError(
+            f"max_tokens must be a positive integer (or -1 for no limit), got {max_tokens!r}"
+        )
 
 
 def as_prompt_array(prompt) -> mx.array:

@@ -81,7 +81,7 @@ class KVCache:
         return {"offset": self.offset}
 
     @classmethod
-    def from_state(cls, state, meta: dict[str, Any]) -> "KVCache":
+    def from_state(cls, state, meta: dict[str, Any]) -> KVCache:
         cache = cls()
         cache.keys, cache.values = state
         cache.offset = meta["offset"]
@@ -163,7 +163,10 @@ class RotatingKVCache:
         n = min(self.offset, n)
         self.offset -= n
         if self.keys is not None:
-            self.keys, self.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+            self.keys, self.values = (
+                self.keys[..., : self.offset, :],
+                self.values[..., : self.offset, :],
+            )
         return n
 
     @property
@@ -175,7 +178,7 @@ class RotatingKVCache:
         return {"offset": self.offset, "max_size": self.max_size, "keep": self.keep}
 
     @classmethod
-    def from_state(cls, state, meta: dict[str, Any]) -> "RotatingKVCache":
+    def from_state(cls, state, meta: dict[str, Any]) -> RotatingKVCache:
         cache = cls(meta["max_size"], meta["keep"])
         cache.keys, cache.values = state
         cache.offset = meta["offset"]
@@ -198,7 +201,9 @@ def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     """
     if max_kv_size is not None:
         if max_kv_size <= 4:
-            raise ValueError(f"max_kv_size must be > 4 (4 sink positions are kept), got {max_kv_size}")
+            raise ValueError(
+                f"max_kv_size must be > 4 (4 sink positions are kept), got {max_kv_size}"
+            )
         return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
     if hasattr(model, "make_cache"):
         return model.make_cache()
@@ -213,7 +218,7 @@ def trim_prompt_cache(cache: list, num_tokens: int) -> int:
     """Drop the last ``num_tokens`` positions from every layer; return how many were dropped."""
     if not cache or not can_trim_prompt_cache(cache):
         return 0
-    return [c.trim(num_tokens) for c in cache][0]
+    return next(c.trim(num_tokens) for c in cache)
 
 
 def save_prompt_cache(file_name: str, cache: list, metadata: dict[str, str] | None = None) -> None:

@@ -6,7 +6,7 @@ shape (1, vocab). Penalties look at the last ``context_size`` tokens only.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 

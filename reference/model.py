@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from .kv_cache import KVCache, RotatingKVCache
 
@@ -56,7 +56,7 @@ class ModelArgs:
             )
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_config(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face ``config.json`` dict, ignoring unknown keys."""
         known = {f.name for f in fields(cls)} - {"extra"}
         args = {k: v for k, v in config.items() if k in known}

@@ -6,7 +6,7 @@ prompts; the result must not depend on the chunk size (the caches make sure of i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 

@@ -9,7 +9,7 @@ makes draws repeatable. ``temp == 0`` means greedy (argmax).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -40,7 +40,9 @@ def apply_min_p(logprobs: mx.array, min_p: float, min_tokens_to_keep: int = 1) -
     threshold = logprobs.max(axis=-1, keepdims=True) + math.log(min_p) if min_p > 0 else NEG_INF
     drop = logprobs < threshold
     if min_tokens_to_keep > 1:
-        best = mx.argpartition(logprobs, kth=-min_tokens_to_keep, axis=-1)[..., -min_tokens_to_keep:]
+        best = mx.argpartition(logprobs, kth=-min_tokens_to_keep, axis=-1)[
+            ..., -min_tokens_to_keep:
+        ]
         drop = mx.put_along_axis(drop, best, mx.array(False), axis=-1)
     return mx.where(drop, NEG_INF, logprobs)
 

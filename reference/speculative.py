@@ -19,12 +19,17 @@ changes how many target passes are needed.
 
 from __future__ import annotations
 
-from typing import Callable, Generator
+from collections.abc import Callable, Generator
 
 import mlx.core as mx
 
-from .inputs import as_prompt_array, check_draft_model, check_max_tokens, check_prompt
-from .inputs import check_prefill_step_size
+from .inputs import (
+    as_prompt_array,
+    check_draft_model,
+    check_max_tokens,
+    check_prefill_step_size,
+    check_prompt,
+)
 from .kv_cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from .prefill import log_softmax, prefill
 from .sampler import greedy_sampler

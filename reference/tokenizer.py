@@ -8,7 +8,7 @@ a fresh streaming detokenizer per generation. Everything else is delegated, so
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -41,8 +41,7 @@ class StreamingDetokenizer:
         self.tokens.append(int(token))
         text = self._tokenizer.decode(self.tokens)
         stable = text.rstrip(REPLACEMENT_CHAR)
-        if stable.endswith(" "):
-            stable = stable[:-1]
+        stable = stable.removesuffix(" ")
         if stable.startswith(self.emitted) and len(stable) > len(self.emitted):
             self._pending += stable[len(self.emitted) :]
             self.emitted = stable
@@ -75,7 +74,7 @@ class TokenizerWrapper:
         self._tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self._eos_token_ids = set(int(t) for t in eos_token_ids)
+        self._eos_token_ids = {int(t) for t in eos_token_ids}
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -83,7 +82,7 @@ class TokenizerWrapper:
 
     @eos_token_ids.setter
     def eos_token_ids(self, ids: Iterable[int]) -> None:
-        self._eos_token_ids = set(int(t) for t in ids)
+        self._eos_token_ids = {int(t) for t in ids}
 
     def add_eos_token(self, token: str | int) -> None:
         token_id = token if isinstance(token, int) else self._tokenizer.convert_tokens_to_ids(token)

@@ -51,8 +51,10 @@ def test_multibyte_character_is_held_until_complete(loaded_models):
 def test_invalid_bytes_still_join_to_decode(loaded_models):
     """A lone continuation byte never completes: it comes out at finalize, as decode() shows it."""
     tokenizer = loaded_models("dummy")[1]
-    tokens = tokenizer.encode("ab", add_special_tokens=False) + [0x80] + tokenizer.encode(
-        "c", add_special_tokens=False
+    tokens = (
+        tokenizer.encode("ab", add_special_tokens=False)
+        + [0x80]
+        + tokenizer.encode("c", add_special_tokens=False)
     )
     pieces = stream(tokenizer, tokens)
     assert "".join(pieces) == tokenizer.decode(tokens)

@@ -23,7 +23,9 @@ from reference.dummy import STANDARD_PROMPTS
 CAPITAL_OF_FRANCE = [504, 3575, 282, 4649, 314, 7042, 30, 2]
 
 
-@pytest.fixture(scope="module", params=["dummy", pytest.param("smollm2-135m", marks=pytest.mark.smollm)])
+@pytest.fixture(
+    scope="module", params=["dummy", pytest.param("smollm2-135m", marks=pytest.mark.smollm)]
+)
 def engine(request, loaded_models):
     """(name, model, tokenizer, prompt ids) for each model under test."""
     model, tokenizer = loaded_models(request.param)
@@ -116,7 +118,10 @@ def test_speculative_greedy_equals_plain_greedy(engine, loaded_models, num_draft
         got = [
             t
             for t, _, _ in speculative_generate_step(
-                mx.array(prompt), model, draft, num_draft_tokens=num_draft_tokens,
+                mx.array(prompt),
+                model,
+                draft,
+                num_draft_tokens=num_draft_tokens,
                 max_tokens=max_tokens,
             )
         ]
@@ -143,7 +148,11 @@ def test_input_embeddings_equal_token_input(engine, prefill_step_size):
     embeddings = model.model.embed_tokens(mx.array(prompt))
     calls = []
     got = greedy(
-        model, [], max_tokens, input_embeddings=embeddings, prefill_step_size=prefill_step_size,
+        model,
+        [],
+        max_tokens,
+        input_embeddings=embeddings,
+        prefill_step_size=prefill_step_size,
         prompt_progress_callback=lambda done, total: calls.append((done, total)),
     )
     assert got == expected
@@ -169,8 +178,11 @@ def test_rotating_cache_output_is_chunk_independent(loaded_models):
     model, tokenizer = loaded_models("dummy")
     prompt = tokenizer.encode(" ".join(STANDARD_PROMPTS))[:24]  # three times a window of 8
     runs = {
-        step: list(generate_step(mx.array(prompt), model, max_tokens=8, max_kv_size=8,
-                                 prefill_step_size=step))
+        step: list(
+            generate_step(
+                mx.array(prompt), model, max_tokens=8, max_kv_size=8, prefill_step_size=step
+            )
+        )
         for step in (1, 3, 8, 2048)
     }
     expected = runs[2048]
@@ -185,11 +197,12 @@ def test_rotating_cache_output_is_chunk_independent(loaded_models):
 
 def test_finish_reason_stop_on_eos_and_eos_token_reported(loaded_models):
     model, tokenizer = loaded_models("dummy")
-    eos = sorted(tokenizer.eos_token_ids)[0]
+    eos = min(tokenizer.eos_token_ids)
     processors = make_logits_processors(logit_bias={eos: 2000.0})
     responses = list(
-        stream_generate(model, tokenizer, STANDARD_PROMPTS[0], max_tokens=8,
-                        logits_processors=processors)
+        stream_generate(
+            model, tokenizer, STANDARD_PROMPTS[0], max_tokens=8, logits_processors=processors
+        )
     )
     assert len(responses) == 1
     assert responses[0].token == eos and responses[0].finish_reason == "stop"
@@ -221,19 +234,23 @@ def test_bad_inputs_raise_clear_errors_and_leave_cache_untouched(dummy_prompt, l
     cache = make_prompt_cache(model)
     vocab = model.args.vocab_size
     cases = [
-        (dict(prompt=[]), "prompt is empty"),
-        (dict(max_tokens=0), "max_tokens"),
-        (dict(max_tokens=-5), "max_tokens"),
-        (dict(prompt=prompt + [vocab]), f"outside the vocabulary \\[0, {vocab}\\)"),
-        (dict(prompt=[-1]), "outside the vocabulary"),
-        (dict(prompt=[], input_embeddings=mx.zeros((3, model.args.hidden_size + 1))),
-         "input_embeddings must have shape"),
-        (dict(input_embeddings=mx.zeros((len(prompt) + 1, model.args.hidden_size))),
-         "positions but the prompt has"),
-        (dict(prefill_step_size=0), "prefill_step_size"),
+        ({"prompt": []}, "prompt is empty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"prompt": prompt + [vocab]}, f"outside the vocabulary \\[0, {vocab}\\)"),
+        ({"prompt": [-1]}, "outside the vocabulary"),
+        (
+            {"prompt": [], "input_embeddings": mx.zeros((3, model.args.hidden_size + 1))},
+            "input_embeddings must have shape",
+        ),
+        (
+            {"input_embeddings": mx.zeros((len(prompt) + 1, model.args.hidden_size))},
+            "positions but the prompt has",
+        ),
+        ({"prefill_step_size": 0}, "prefill_step_size"),
     ]
     for overrides, message in cases:
-        kwargs = dict(prompt=prompt, max_tokens=4, prompt_cache=cache) | overrides
+        kwargs = {"prompt": prompt, "max_tokens": 4, "prompt_cache": cache} | overrides
         with pytest.raises(ValueError, match=message):
             list(stream_generate(model, tokenizer, **kwargs))
         assert all(c.offset == 0 and c.keys is None for c in cache)

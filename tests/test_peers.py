@@ -14,7 +14,9 @@ import pytest
 from reference import generate_step
 from reference.dummy import STANDARD_PROMPTS
 
-mlx_lm = pytest.importorskip("mlx_lm", reason="peer mlx-lm not installed: pip install 'lmconform[peers]'")
+mlx_lm = pytest.importorskip(
+    "mlx_lm", reason="peer mlx-lm not installed: pip install 'lmconform[peers]'"
+)
 SMOLLM_PROMPTS = [
     "What is the capital of France?",
     "Name three colours.",
@@ -75,7 +77,9 @@ def test_dummy_greedy_equals_mlx_lm(dummy_peers):
 @pytest.mark.peer
 def test_dummy_greedy_equals_transformers(dummy_peers):
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("torch", reason="PyTorch peer not installed: pip install 'lmconform[peers]'")
+    pytest.importorskip(
+        "torch", reason="PyTorch peer not installed: pip install 'lmconform[peers]'"
+    )
     model, prompts, folder = dummy_peers
     peer = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
     peer.eval()

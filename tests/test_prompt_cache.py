@@ -18,15 +18,18 @@ from reference import (
 from reference.dummy import STANDARD_PROMPTS
 
 
-@pytest.fixture(scope="module", params=["dummy", pytest.param("smollm2-135m", marks=pytest.mark.smollm)])
+@pytest.fixture(
+    scope="module", params=["dummy", pytest.param("smollm2-135m", marks=pytest.mark.smollm)]
+)
 def setup(request, loaded_models):
     model, tokenizer = loaded_models(request.param)
     return model, tokenizer.encode(STANDARD_PROMPTS[0])
 
 
 def run(model, prompt, max_tokens, cache=None, **kwargs):
-    return list(generate_step(mx.array(prompt), model, max_tokens=max_tokens,
-                              prompt_cache=cache, **kwargs))
+    return list(
+        generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache, **kwargs)
+    )
 
 
 def assert_same(got, expected, atol=1e-4):
@@ -91,7 +94,9 @@ def test_rotating_cache_keeps_sinks_and_window():
         keys, _ = cache.update_and_fetch(k, k)
         visible = keys[0, 0, :, 0].tolist()
         # Sinks 0 and 1, then the 4 most recent positions, the new one included.
-        expected = sorted(set(range(min(2, position + 1))) | set(range(max(0, position - 3), position + 1)))
+        expected = sorted(
+            set(range(min(2, position + 1))) | set(range(max(0, position - 3), position + 1))
+        )
         assert visible == expected
     assert not cache.is_trimmable()
     assert not can_trim_prompt_cache([cache, KVCache()])

@@ -53,11 +53,11 @@ def test_min_p_is_relative_to_the_top_probability():
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(temp=0.7),
-        dict(temp=1.0, top_k=5),
-        dict(temp=1.0, top_p=0.9),
-        dict(temp=1.0, min_p=0.1),
-        dict(temp=0.8, top_p=0.95, top_k=10, min_p=0.05),
+        {"temp": 0.7},
+        {"temp": 1.0, "top_k": 5},
+        {"temp": 1.0, "top_p": 0.9},
+        {"temp": 1.0, "min_p": 0.1},
+        {"temp": 0.8, "top_p": 0.95, "top_k": 10, "min_p": 0.05},
     ],
 )
 def test_seeded_draws_equal_mlx_lm(settings):
@@ -97,12 +97,16 @@ def test_greedy_when_temperature_is_zero():
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(logit_bias={3: 5.0, 7: -2.5}),
-        dict(repetition_penalty=1.3, repetition_context_size=4),
-        dict(presence_penalty=0.7),
-        dict(frequency_penalty=0.4, frequency_context_size=6),
-        dict(logit_bias={1: 1.0}, repetition_penalty=1.1, presence_penalty=0.2,
-             frequency_penalty=0.3),
+        {"logit_bias": {3: 5.0, 7: -2.5}},
+        {"repetition_penalty": 1.3, "repetition_context_size": 4},
+        {"presence_penalty": 0.7},
+        {"frequency_penalty": 0.4, "frequency_context_size": 6},
+        {
+            "logit_bias": {1: 1.0},
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.2,
+            "frequency_penalty": 0.3,
+        },
     ],
 )
 def test_logits_processors_equal_mlx_lm(settings):
