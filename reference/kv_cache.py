@@ -218,7 +218,8 @@ def trim_prompt_cache(cache: list, num_tokens: int) -> int:
     """Drop the last ``num_tokens`` positions from every layer; return how many were dropped."""
     if not cache or not can_trim_prompt_cache(cache):
         return 0
-    return next(c.trim(num_tokens) for c in cache)
+    trimmed = [c.trim(num_tokens) for c in cache]  # every layer, not just the first
+    return trimmed[0]
 
 
 def save_prompt_cache(file_name: str, cache: list, metadata: dict[str, str] | None = None) -> None:
