@@ -1,0 +1,169 @@
+"""Drawing N seeded samples from an engine: the callables a sampler case is run with.
+
+A sampler case needs many samples at one context, so the suite asks for them through
+one small callable, and anything able to sample can provide it:
+
+- ``NextTokenDraw``: ``draw(context_tokens, settings, seed, n) -> list[int]``, n draws
+  of the token that follows ``context_tokens``;
+- ``SequenceDraw``: ``draw(context_tokens, settings, seed, n, length) -> list[list[int]]``,
+  n generations of up to ``length`` tokens each (for speculative decoding, where every
+  emitted position must follow the target model's distribution).
+
+The same ``seed`` must give the same draws; different seeds, independent ones.
+
+Implementations here:
+
+- ``reference_draw``: the reference's sampler, batched (see below), fast;
+- ``reference_speculative_draw``: one ``speculative_generate_step`` run per draw;
+- ``request_draw``: any engine that answers ``GenerateRequest``s (the adapters), one
+  seeded request per draw: the path a user's engine takes (about 5 ms a draw for the
+  reference on dummy).
+
+Each reference draw takes a ``sampler_factory`` with ``make_sampler``'s signature, so
+the tests can hand in deliberately broken samplers and check the statistics catch them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+
+import reference
+
+from .protocol import DraftSettings, GenerateRequest, SamplerSettings
+
+NextTokenDraw = Callable[[list[int], SamplerSettings, int, int], list[int]]
+SequenceDraw = Callable[[list[int], SamplerSettings, int, int, int], list[list[int]]]
+Sampler = Callable[[mx.array], mx.array]
+SamplerFactory = Callable[
+    ..., Sampler
+]  # make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k)
+
+# Rows x vocabulary entries per batched sampler call: bounds memory for big vocabularies
+# (smollm2's 49,152 tokens x 80 rows is about 16 MB of float32).
+MAX_BATCH_ELEMENTS = 1 << 22
+
+
+def sampler_for(settings: SamplerSettings, factory: SamplerFactory = reference.make_sampler):
+    return factory(
+        settings.temp, settings.top_p, settings.min_p, settings.min_tokens_to_keep, settings.top_k
+    )
+
+
+def next_token_logprobs(model, context: list[int]) -> mx.array:
+    """The reference's full log-softmax vector (1 x vocab) for the token after ``context``.
+
+    Taken from ``generate_step`` with the greedy sampler (which draws no random
+    numbers), so it is exactly the vector the engine's sampler sees.
+    """
+    _, logprobs = next(reference.generate_step(mx.array(context), model, max_tokens=1))
+    return logprobs.reshape(1, -1)
+
+
+def reference_draw(
+    model,
+    sampler_factory: SamplerFactory = reference.make_sampler,
+    max_batch_elements: int = MAX_BATCH_ELEMENTS,
+) -> NextTokenDraw:
+    """n draws from the reference's sampler at one context, many per sampler call.
+
+    The next-token logprobs are computed once; the engine's own sampler is then
+    applied to that vector repeated as the rows of a batch. This is legitimate for
+    mlx-lm-style samplers: every filter (top-p, min-p, top-k) works along the last
+    axis, row by row, and ``mx.random.categorical`` draws each row with its own
+    noise, so the rows are independent draws from the same distribution, exactly
+    as n separate calls would be (``test_sampler_stats.py`` checks that one
+    seeded ``generate_step`` run per draw passes the same test).
+    """
+
+    def draw(context: list[int], settings: SamplerSettings, seed: int, n: int) -> list[int]:
+        logprobs = next_token_logprobs(model, context)
+        sampler = sampler_for(settings, sampler_factory)
+        rows_per_call = max(1, max_batch_elements // logprobs.shape[-1])
+        mx.random.seed(seed)
+        tokens: list[int] = []
+        for start in range(0, n, rows_per_call):
+            rows = min(rows_per_call, n - start)
+            tokens += sampler(mx.broadcast_to(logprobs, (rows, logprobs.shape[-1]))).tolist()
+        return tokens
+
+    return draw
+
+
+def reference_speculative_draw(
+    model,
+    draft_model,
+    num_draft_tokens: int,
+    sampler_factory: SamplerFactory = reference.make_sampler,
+) -> SequenceDraw:
+    """n speculative generations of ``length`` tokens, the draft and the target sharing the sampler."""
+
+    def draw(
+        context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
+    ) -> list[list[int]]:
+        sampler = sampler_for(settings, sampler_factory)
+        prompt = mx.array(context)
+        mx.random.seed(seed)
+        return [
+            [
+                token
+                for token, _, _ in reference.speculative_generate_step(
+                    prompt,
+                    model,
+                    draft_model,
+                    num_draft_tokens=num_draft_tokens,
+                    max_tokens=length,
+                    sampler=sampler,
+                )
+            ]
+            for _ in range(n)
+        ]
+
+    return draw
+
+
+def request_seeds(seed: int, n: int) -> list[int]:
+    """n distinct, independent-looking 32-bit seeds derived from one (for n separate requests)."""
+    return np.random.SeedSequence(seed).generate_state(n).tolist()
+
+
+def request_draw(
+    run: Callable[[GenerateRequest], list[int]], draft: DraftSettings | None = None
+) -> SequenceDraw:
+    """Draws from any engine that answers requests: one seeded request per draw.
+
+    ``run(request)`` returns the generated token ids (an adapter's events' tokens).
+    A generation may end early at an end token; the statistics only use the
+    positions that were generated.
+    """
+
+    def draw(
+        context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
+    ) -> list[list[int]]:
+        return [
+            list(
+                run(
+                    GenerateRequest(
+                        prompt=list(context),
+                        max_tokens=length,
+                        sampler=replace(settings, seed=request_seed),
+                        draft=draft,
+                    )
+                )
+            )[:length]
+            for request_seed in request_seeds(seed, n)
+        ]
+
+    return draw
+
+
+def first_tokens(draw: SequenceDraw) -> NextTokenDraw:
+    """A next-token draw from a sequence draw: generations of one token."""
+
+    def next_token_draw(context: list[int], settings: SamplerSettings, seed: int, n: int):
+        return [sequence[0] for sequence in draw(context, settings, seed, n, 1)]
+
+    return next_token_draw

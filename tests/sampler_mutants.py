@@ -1,0 +1,145 @@
+"""Deliberately broken samplers and a broken speculative decoder, for the suite to catch.
+
+Each sampler factory has ``reference.make_sampler``'s signature and differs from it
+in exactly one way, a bug seen in real engines. ``test_sampler_stats.py`` checks that
+the sampler statistics fail each of them on at least one case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+import reference
+from conformance.sampler_draws import SequenceDraw, sampler_for
+from reference.sampler import NEG_INF, apply_min_p, apply_top_k, apply_top_p
+
+
+def chained_sampler(filters, temp: float):
+    """Filters in order, then a draw from softmax(logprobs / temp): make_sampler's shape."""
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for keep_likely in filters:
+            logprobs = keep_likely(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / temp))
+
+    return sampler
+
+
+def filters_for(top_p, min_p, min_tokens_to_keep, top_k, top_p_filter=None, min_p_filter=None):
+    """The reference's filter chain, with the top-p or min-p filter swapped for a broken one."""
+    filters = []
+    if 0 < top_p < 1:
+        filters.append(lambda x: (top_p_filter or apply_top_p)(x, top_p))
+    if min_p != 0:
+        filters.append(lambda x: (min_p_filter or apply_min_p)(x, min_p, min_tokens_to_keep))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    return filters
+
+
+def temperature_twice(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Divides the logprobs by the temperature twice (e.g. once in the engine, once in the
+    sampler): the same as sampling at temp², since the filters see untempered logprobs."""
+    return reference.make_sampler(temp * temp, top_p, min_p, min_tokens_to_keep, top_k)
+
+
+def top_p_off_by(extra: int):
+    """A top-p filter keeping ``extra`` more (or, negative, fewer) tokens than it should."""
+
+    def apply(logprobs: mx.array, top_p: float) -> mx.array:
+        ordered = mx.sort(logprobs, axis=-1)[..., ::-1]
+        mass_above = mx.cumsum(mx.exp(ordered), axis=-1) - mx.exp(ordered)
+        n_kept = (mass_above < top_p).sum(axis=-1, keepdims=True) + extra
+        n_kept = mx.clip(n_kept, 1, logprobs.shape[-1])
+        threshold = mx.take_along_axis(ordered, n_kept - 1, axis=-1)
+        return mx.where(logprobs < threshold, NEG_INF, logprobs)
+
+    return apply
+
+
+def top_p_one_too_many(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    filters = filters_for(top_p, min_p, min_tokens_to_keep, top_k, top_p_filter=top_p_off_by(+1))
+    return chained_sampler(filters, temp)
+
+
+def top_p_one_too_few(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    filters = filters_for(top_p, min_p, min_tokens_to_keep, top_k, top_p_filter=top_p_off_by(-1))
+    return chained_sampler(filters, temp)
+
+
+def min_p_relative_to_one(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Keeps tokens with probability >= min_p, forgetting to scale by the top token's
+    probability (the same as scaling by the sum of all probabilities, which is 1)."""
+
+    def apply(logprobs, min_p, min_tokens_to_keep):
+        kept = mx.where(logprobs < math.log(min_p), NEG_INF, logprobs)
+        # Like the reference, never drop the most likely token(s).
+        return mx.maximum(kept, apply_top_k_or_all(logprobs, min_tokens_to_keep))
+
+    filters = filters_for(top_p, min_p, min_tokens_to_keep, top_k, min_p_filter=apply)
+    return chained_sampler(filters, temp)
+
+
+def apply_top_k_or_all(logprobs: mx.array, k: int) -> mx.array:
+    return logprobs if k >= logprobs.shape[-1] else apply_top_k(logprobs, k)
+
+
+def min_p_after_temperature(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Measures min-p against the top token's *tempered* probability (llama.cpp-style order)
+    where mlx-lm, and so the reference, uses the untempered one."""
+
+    def apply(logprobs, min_p, min_tokens_to_keep):
+        return apply_min_p(logprobs * (1.0 / temp), min_p, min_tokens_to_keep) * temp
+
+    filters = filters_for(top_p, min_p, min_tokens_to_keep, top_k, min_p_filter=apply)
+    return chained_sampler(filters, temp)
+
+
+SAMPLER_MUTANTS = {
+    "temperature twice": temperature_twice,
+    "top-p one token too many": top_p_one_too_many,
+    "top-p one token too few": top_p_one_too_few,
+    "min-p relative to 1": min_p_relative_to_one,
+    "min-p after temperature": min_p_after_temperature,
+}
+
+
+def draft_token_on_rejection_draw(model, draft_model, num_draft_tokens: int) -> SequenceDraw:
+    """Speculative decoding that, at the first rejected proposal, emits the *draft's* token
+    instead of the target's. Emitted tokens then follow the draft's distribution.
+
+    Written without a KV cache (the whole sequence is recomputed at every step): slower,
+    but short, and on dummy still a few milliseconds per round.
+    """
+
+    def logprobs_after(m, tokens: list[int]) -> mx.array:
+        logits = m(mx.array([tokens]))[0]
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def generate(prompt: list[int], sampler, length: int) -> list[int]:
+        emitted: list[int] = []
+        while len(emitted) < length:
+            proposals: list[int] = []
+            for _ in range(num_draft_tokens):
+                proposals.append(
+                    sampler(logprobs_after(draft_model, prompt + emitted + proposals)[-1:]).item()
+                )
+            # One target pass scores every proposal position, as in real speculative decoding.
+            scored = logprobs_after(model, prompt + emitted + proposals)[-(num_draft_tokens + 1) :]
+            targets = sampler(scored).tolist()
+            accepted = 0
+            while accepted < num_draft_tokens and targets[accepted] == proposals[accepted]:
+                accepted += 1
+            # THE BUG: the draft's proposal replaces the target's token on a rejection.
+            last = proposals[accepted] if accepted < num_draft_tokens else targets[accepted]
+            emitted += proposals[:accepted] + [last]
+        return emitted[:length]
+
+    def draw(context, settings, seed, n, length):
+        sampler = sampler_for(settings)
+        mx.random.seed(seed)
+        return [generate(list(context), sampler, length) for _ in range(n)]
+
+    return draw
