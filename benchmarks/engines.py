@@ -10,8 +10,8 @@ Adapters:
 - ``MLXAPIEngine``      any module with mlx-lm's generation API: ``reference`` or
                         ``mlx_lm`` (the reference was written to be a drop-in match)
 - ``TransformersEngine`` Hugging Face transformers on PyTorch, CPU
-- ``SyntheticEngine``   sleeps instead of computing: cheap, predictable timings for
-                        testing the runner, the history and the statistics
+- ``SyntheticEngine``   burns known CPU time instead of computing: cheap, predictable
+                        timings for testing the runner, the history and the statistics
 - ``Slowdown``          wraps any engine and adds a fixed fraction to each decode step
 
 Engine specs on the command line are ``KIND[:option=value...]``, e.g. ``mlx-lm`` or
@@ -21,7 +21,6 @@ Engine specs on the command line are ``KIND[:option=value...]``, e.g. ``mlx-lm``
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib
 import time
 from abc import ABC, abstractmethod
@@ -140,6 +139,14 @@ class MLXAPIEngine(BenchEngine):
 
         self.mx = mx
         self.api = importlib.import_module(self.module_name)
+        # mlx-lm keeps BatchGenerator in its ``generate`` module; the reference exports it.
+        self.batch_generator = getattr(self.api, "BatchGenerator", None)
+        if self.batch_generator is None:
+            try:
+                generate_module = importlib.import_module(self.module_name + ".generate")
+                self.batch_generator = getattr(generate_module, "BatchGenerator", None)
+            except ImportError:
+                pass
         self.model, self.tokenizer = self._load(self.model_name)
         self._held, self._per_token = _mlx_weight_bytes(self.model)
         eos = getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
@@ -176,7 +183,7 @@ class MLXAPIEngine(BenchEngine):
 
     def supports(self, kind: str) -> bool:
         if kind == "batch":
-            return hasattr(self.api, "BatchGenerator")
+            return self.batch_generator is not None
         return kind in ("prefill", "decode", "speculative")
 
     def memory_probe(self):
@@ -222,7 +229,7 @@ class MLXAPIEngine(BenchEngine):
         size = len(prompts)
         # All prompts are prefilled together, so the first step yields one token per
         # sequence; no stop tokens, so every sequence runs to max_tokens.
-        generator = self.api.BatchGenerator(
+        generator = self.batch_generator(
             self.model, max_tokens=max_tokens, stop_tokens=None,
             prefill_batch_size=size, completion_batch_size=size,
         )
@@ -273,9 +280,13 @@ class _CallbackStreamer:
 class TransformersEngine(BenchEngine):
     """Hugging Face transformers, PyTorch on CPU, greedy ``generate``."""
 
-    def __init__(self, model_name: str, name: str = "transformers"):
+    def __init__(self, model_name: str, name: str = "transformers", threads: int | None = None):
         self.model_name = model_name
         self.name = name
+        # PyTorch's thread count (default: its own choice, one per core). MLX runs on one
+        # CPU thread, and PyTorch's OpenMP barriers stall badly when another process or
+        # the hypervisor takes a core away, so ``threads=1`` is the like-for-like setting.
+        self.threads = threads
         self._draft = None
 
     def load(self) -> None:
@@ -283,6 +294,8 @@ class TransformersEngine(BenchEngine):
         import transformers
 
         self.torch, self.transformers = torch, transformers
+        # The process default, restored for each call: another engine may have changed it.
+        self.threads = self.threads or torch.get_num_threads()
         gguf = gguf_file(self.model_name)
         if gguf is not None:  # transformers de-quantizes GGUF to float32 itself
             source, extra = str(gguf.parent), {"gguf_file": gguf.name}
@@ -290,8 +303,9 @@ class TransformersEngine(BenchEngine):
             source, extra = str(exported_folder(self.model_name)), {}
         self.model = transformers.AutoModelForCausalLM.from_pretrained(source, **extra).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
-        config = self.model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
         self.eos_ids = eos if isinstance(eos, list) else [eos]
 
     def versions(self) -> dict[str, str]:
@@ -319,7 +333,7 @@ class TransformersEngine(BenchEngine):
         return memory.RSSProbe()
 
     def settings(self) -> dict:
-        return {"dtype": str(self.model.dtype), "threads": self.torch.get_num_threads(),
+        return {"dtype": str(self.model.dtype), "threads": self.threads,
                 "weight_bytes_per_token": self.weight_bytes_per_token()}
 
     def draft_model(self):
@@ -339,6 +353,7 @@ class TransformersEngine(BenchEngine):
 
     def _generate(self, input_ids, max_tokens, streamer, **extra) -> None:
         torch = self.torch
+        torch.set_num_threads(self.threads)  # per call: the setting is process-wide
         with torch.inference_mode():
             self.model.generate(
                 input_ids,
@@ -373,32 +388,24 @@ class TransformersEngine(BenchEngine):
 # --- synthetic engine and the slowdown wrapper -------------------------------------------
 
 
-_TIMER_SLACK_SET = False
+def burn_cpu(seconds: float) -> None:
+    """Busy-work for ``seconds`` of this thread's CPU time.
 
-
-def precise_sleep(seconds: float) -> None:
-    """``time.sleep`` with the kernel's timer slack reduced to 1 ns (Linux).
-
-    By default Linux may wake a sleeper up to 50 us late, which would turn a 2%
-    slowdown of a 2 ms step into 4%. Busy-waiting is no cure: on a loaded machine
-    the scheduler then delays the spinning process's next wake-up instead.
+    Work measured in CPU time, not wall time, behaves like a compute-bound engine:
+    when another process takes half the CPU, the step takes twice as long on the wall
+    clock, for the synthetic engine and its slowed copy alike, so their *ratio*
+    survives a loaded machine. (Sleeping does not: each extra wake-up on a busy
+    machine costs a scheduling delay that has nothing to do with its length.)
     """
-    global _TIMER_SLACK_SET
-    if not _TIMER_SLACK_SET:
-        _TIMER_SLACK_SET = True
-        try:
-            libc = ctypes.CDLL(None)
-            libc.prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK = 29
-        except (OSError, AttributeError):
-            pass  # not Linux: plain sleep precision
-    if seconds > 0:
-        time.sleep(seconds)
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
 
 
 class SyntheticEngine(BenchEngine):
-    """An engine that waits instead of computing, with a known cost model.
+    """An engine that burns a known amount of CPU time instead of computing logits.
 
-    Prefill costs ``prefill_us`` microseconds per prompt token, each decode step
+    Prefill costs ``prefill_us`` microseconds of CPU per prompt token, each decode step
     ``step_ms`` milliseconds (a batched step grows by ``batch_growth`` per extra
     sequence), and every generated token appends ``kv_bytes`` of "KV cache" (a NumPy
     buffer, so the memory probe has something real to see). Speculative rounds cost
@@ -449,15 +456,15 @@ class SyntheticEngine(BenchEngine):
         import numpy as np
 
         cache = []
-        precise_sleep(self.prefill_s * len(prompt))
+        burn_cpu(self.prefill_s * len(prompt))
         on_token(False)
         produced = 1
         while produced < max_tokens:
             if num_draft_tokens:
-                precise_sleep(self.step_s * (1 + 0.25 * num_draft_tokens))
+                burn_cpu(self.step_s * (1 + 0.25 * num_draft_tokens))
                 tokens = [True, False][: max_tokens - produced]
             else:
-                precise_sleep(self.step_s)
+                burn_cpu(self.step_s)
                 tokens = [False]
             for from_draft in tokens:
                 cache.append(np.ones(self.kv_bytes, dtype=np.uint8))
@@ -465,37 +472,39 @@ class SyntheticEngine(BenchEngine):
                 produced += 1
 
     def generate_batch(self, prompts, max_tokens, on_step) -> None:
-        precise_sleep(self.prefill_s * sum(len(p) for p in prompts))
+        burn_cpu(self.prefill_s * sum(len(p) for p in prompts))
         on_step(len(prompts))
         for _ in range(max_tokens - 1):
-            precise_sleep(self.step_s * (1 + self.batch_growth * (len(prompts) - 1)))
+            burn_cpu(self.step_s * (1 + self.batch_growth * (len(prompts) - 1)))
             on_step(len(prompts))
 
 
 class Slowdown(BenchEngine):
     """Wraps an engine and makes each decode step ``fraction`` slower.
 
-    After each token (or batch step) following the first, it sleeps for
-    ``fraction`` times the time the step took, before the workload's clock sees the
-    token. Prefill (up to the first token) is left alone. This is how the tests
-    prove that a real 15% decode regression is flagged and a 2% one is not.
+    After each token (or batch step) following the first, it burns ``fraction`` times
+    the CPU time the process spent on that step, before the workload's clock sees the
+    token. Prefill (up to the first token) is left alone. For an engine computing on
+    one thread (the synthetic engine; MLX on CPU) that is ``fraction`` of the step's
+    duration. This is how the tests prove that a real 15% decode regression is
+    flagged and a 2% one is not.
     """
 
     def __init__(self, inner: BenchEngine, fraction: float, name: str | None = None):
         if fraction < 0:
             raise ValueError(f"slowdown fraction must be >= 0, got {fraction}")
         self.inner, self.fraction = inner, fraction
-        self.name = name or f"{inner.name}+{fraction:.0%}"
+        self.name = name or inner.name
         self.model_name = inner.model_name
 
     def _slowed(self, callback: Callable) -> Callable:
-        last: list[float] = []
+        last_cpu: list[float] = []
 
         def wrapped(*args) -> None:
-            if last:
-                precise_sleep(self.fraction * (time.perf_counter() - last[0]))
+            if last_cpu:
+                burn_cpu(self.fraction * (time.process_time() - last_cpu[0]))
             callback(*args)
-            last[:] = [time.perf_counter()]
+            last_cpu[:] = [time.process_time()]
 
         return wrapped
 
@@ -551,7 +560,9 @@ def make_engine(spec: str, model_name: str) -> BenchEngine:
     """Build an (unloaded) engine from a spec such as ``mlx-lm`` or ``synthetic:step_ms=1``.
 
     Options every engine takes: ``name=`` (the name recorded in the history; runs are
-    compared by name) and ``slowdown=`` (wrap in ``Slowdown``).
+    compared by name) and ``slowdown=`` (wrap in ``Slowdown``; the name stays the
+    same, so a slowed run compares against a plain one). ``transformers`` takes
+    ``threads=``; ``synthetic`` takes the ``SyntheticEngine`` parameters.
     """
     kind, options = parse_spec(spec)
     name = options.pop("name", None)
@@ -561,7 +572,8 @@ def make_engine(spec: str, model_name: str) -> BenchEngine:
     elif kind == "mlx-lm":
         engine = MLXAPIEngine("mlx_lm", model_name, name="mlx-lm")
     elif kind == "transformers":
-        engine = TransformersEngine(model_name)
+        threads = options.pop("threads", None)
+        engine = TransformersEngine(model_name, threads=int(threads) if threads else None)
     elif kind == "synthetic":
         numeric = {key: float(value) for key, value in options.items()}
         options = {}

@@ -44,10 +44,10 @@ class Fingerprint:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Fingerprint":
+    def from_json(cls, text: str) -> Fingerprint:
         return cls(**json.loads(text))
 
-    def differences(self, other: "Fingerprint") -> dict[str, tuple[object, object]]:
+    def differences(self, other: Fingerprint) -> dict[str, tuple[object, object]]:
         """Fields that differ, as ``name -> (self value, other value)``."""
         mine, theirs = asdict(self), asdict(other)
         return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}

@@ -23,8 +23,9 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 from .fingerprint import Fingerprint
 from .revision import Revision
@@ -66,7 +67,7 @@ CREATE VIEW IF NOT EXISTS sample_rows AS
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class History:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "History":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

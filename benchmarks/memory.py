@@ -17,10 +17,11 @@ import ctypes
 import ctypes.util
 import tracemalloc
 from pathlib import Path
+from typing import Self
 
 
 class MLXProbe:
-    def __enter__(self) -> "MLXProbe":
+    def __enter__(self) -> Self:
         import mlx.core as mx
 
         self._mx = mx
@@ -58,7 +59,7 @@ def _release_free_heap() -> None:
 class RSSProbe:
     """Peak resident-set growth. Linux only; elsewhere it reports 0 (unknown)."""
 
-    def __enter__(self) -> "RSSProbe":
+    def __enter__(self) -> Self:
         self.peak_extra_bytes = 0
         self._supported = Path("/proc/self/clear_refs").exists()
         if self._supported:
@@ -77,7 +78,7 @@ class RSSProbe:
 
 
 class TracemallocProbe:
-    def __enter__(self) -> "TracemallocProbe":
+    def __enter__(self) -> Self:
         self._started_here = not tracemalloc.is_tracing()
         if self._started_here:
             tracemalloc.start()

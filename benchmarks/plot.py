@@ -88,8 +88,8 @@ def markdown_summary(
 ) -> str:
     """The plotted numbers as Markdown: per workload, runs by engines, then the last change."""
     info = metric_info(metric)
-    parts = [f"## {metric} ({info.unit}, {'higher' if info.higher_is_better else 'lower'}"
-             " is better)"]
+    parts = [(f"## {metric} ({info.unit}, {'higher' if info.higher_is_better else 'lower'}"
+             " is better)")]
     if image:
         parts.append(f"![{metric} history]({image})")
     for workload, engines in sorted(series.items()):

@@ -27,7 +27,8 @@ class Table:
     rows: list[list[str]] = field(default_factory=list)
 
     def text(self) -> str:
-        widths = [max(len(r[i]) for r in [self.headers, *self.rows]) for i in range(len(self.headers))]
+        everything = [self.headers, *self.rows]
+        widths = [max(len(row[i]) for row in everything) for i in range(len(self.headers))]
         lines = ["  ".join(h.ljust(w) for h, w in zip(self.headers, widths))]
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in self.rows]
@@ -70,7 +71,7 @@ class RunSummary:
     workloads: list[str]
 
     @classmethod
-    def from_samples(cls, samples: list[Sample]) -> "RunSummary":
+    def from_samples(cls, samples: list[Sample]) -> RunSummary:
         values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
         bytes_per_token: dict[str, int] = {}
         batch_size: dict[str, int] = {}
@@ -104,7 +105,9 @@ class RunSummary:
         bound = self.batch_size.get(workload, 1) * roofline.roofline_tps(self.bandwidth, per_token)
         return 100.0 * rate / bound
 
-    def baseline(self) -> str:
+    def baseline(self) -> str | None:
+        if not self.engines:
+            return None
         return REFERENCE if REFERENCE in self.engines else self.engines[0]
 
 
@@ -113,7 +116,7 @@ def results_table(samples: list[Sample]) -> Table:
     summary = RunSummary.from_samples(samples)
     base = summary.baseline()
     table = Table(["workload", "metric", "engine", "median", "unit", "IQR %", "n",
-                   f"vs {base}", "% roofline"])
+                   f"vs {base or '-'}", "% roofline"])
     metric_order = {name: i for i, name in enumerate(
         ["prefill_tps", "ttft_s", "decode_tps", "batch_tps", "spec_decode_tps",
          "spec_speedup", "draft_acceptance", "peak_memory_mb"])}

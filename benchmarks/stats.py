@@ -58,10 +58,10 @@ def compare_samples(
         raise ValueError(f"min_effect must be >= 0, got {min_effect}")
     base_median, head_median = median(base), median(head)
     change = head_median / base_median - 1 if base_median else float("inf")
-    common = dict(
-        base_median=base_median, head_median=head_median, change=change,
-        n_base=len(base), n_head=len(head),
-    )
+    common = {
+        "base_median": base_median, "head_median": head_median, "change": change,
+        "n_base": len(base), "n_head": len(head),
+    }
     if min(len(base), len(head)) < MIN_SAMPLES:
         note = f"too few samples (need {MIN_SAMPLES} per side) for a rank test"
         return Verdict(UNCHANGED, p_value=None, note=note, **common)

@@ -109,19 +109,20 @@ def prompt_ids(encode: Callable[[str], list[int]], length: int, offset: int = 0)
 class TokenClock:
     """Timestamps of arriving tokens; the engine calls it once per token (or step)."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now
+        self.start = now()
         self.times: list[float] = []
         self.counts: list[int] = []
         self.from_draft = 0
 
     def token(self, from_draft: bool = False) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.now())
         self.counts.append(1)
         self.from_draft += bool(from_draft)
 
     def step(self, tokens: int) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.now())
         self.counts.append(tokens)
 
     @property
@@ -164,15 +165,17 @@ class Workload:
             "speculative": ("spec_decode_tps", "spec_speedup", "draft_acceptance"),
         }[self.kind]
 
-    def measure(self, engine: "BenchEngine") -> dict[str, float]:
-        """Run the workload once on ``engine`` and return its metrics."""
+    def measure(
+        self, engine: BenchEngine, now: Callable[[], float] = time.perf_counter
+    ) -> dict[str, float]:
+        """Run the workload once on ``engine`` and return its metrics (``now``: the clock)."""
         prompt = prompt_ids(engine.encode, self.prompt_tokens)
         if self.kind == "prefill":
-            clock = TokenClock()
+            clock = TokenClock(now)
             engine.generate(prompt, 1, clock.token)
             return {"prefill_tps": self.prompt_tokens / clock.ttft, "ttft_s": clock.ttft}
         if self.kind == "decode":
-            clock = TokenClock()
+            clock = TokenClock(now)
             # One token more than measured: the first token belongs to prefill.
             with engine.memory_probe() as probe:
                 engine.generate(prompt, self.new_tokens + 1, clock.token)
@@ -185,7 +188,7 @@ class Workload:
                 prompt_ids(engine.encode, self.prompt_tokens, offset=7 * i)
                 for i in range(self.batch_size)
             ]
-            clock = TokenClock()
+            clock = TokenClock(now)
             with engine.memory_probe() as probe:
                 engine.generate_batch(prompts, self.new_tokens + 1, clock.step)
             if clock.counts[0] != self.batch_size:
@@ -198,9 +201,9 @@ class Workload:
                 "peak_memory_mb": (engine.weight_bytes() + probe.peak_extra_bytes) / 1e6,
             }
         # speculative: plain and drafted decoding in the same trial, so the ratio holds.
-        plain = TokenClock()
+        plain = TokenClock(now)
         engine.generate(prompt, self.new_tokens + 1, plain.token)
-        drafted = TokenClock()
+        drafted = TokenClock(now)
         engine.generate(
             prompt, self.new_tokens + 1, drafted.token, num_draft_tokens=self.num_draft_tokens
         )

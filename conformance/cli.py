@@ -8,6 +8,8 @@ import sys
 
 # name -> module defining ``add_parser(subparsers)``; each sub-parser sets ``func``.
 COMMANDS = {
+    "bench": "conformance.cli_bench",
+    "check": "conformance.cli_check",
     "generate": "conformance.cli_generate",
     "models": "conformance.cli_models",
 }

@@ -51,8 +51,10 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     _add_db(parser, **kwargs)
 
 
-RUN_DEFAULTS = dict(engines="reference", model="dummy", workloads="quick", trials=5, warmup=1,
-                    time_budget=None, no_bandwidth=False, markdown=None, db=None)
+RUN_DEFAULTS = {
+    "engines": "reference", "model": "dummy", "workloads": "quick", "trials": 5, "warmup": 1,
+    "time_budget": None, "no_bandwidth": False, "markdown": None, "db": None,
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

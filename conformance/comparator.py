@@ -28,6 +28,7 @@ from .profiles import PrecisionProfile
 from .protocol import TokenEvent, Trace
 
 Decode = Callable[[list[int]], str]
+TokenText = Callable[[int], str]
 
 PASS, NEAR_TIE, FAIL = "pass", "near-tie", "fail"
 
@@ -90,21 +91,27 @@ def compare_traces(
     *,
     expected_label: str = "reference",
     actual_label: str = "engine",
+    token_text: TokenText | None = None,
 ) -> Comparison:
-    """Judge ``actual`` against ``expected`` (see the module docstring)."""
+    """Judge ``actual`` against ``expected`` (see the module docstring).
+
+    ``decode`` turns token lists into text (for context); ``token_text`` shows one
+    token (default: ``decode`` of it alone).
+    """
+    show = token_text or (lambda t: decode([t]))
     exp_tokens, act_tokens = expected.tokens, actual.tokens
     shared = min(len(exp_tokens), len(act_tokens))
     diverged_at = next((i for i in range(shared) if exp_tokens[i] != act_tokens[i]), None)
     matched = shared if diverged_at is None else diverged_at
 
-    logprob_problem, max_error = _check_logprobs(expected, actual, matched, profile, decode)
+    logprob_problem, max_error = _check_logprobs(expected, actual, matched, profile, decode, show)
     if logprob_problem is not None:
         d = logprob_problem
         summary = (
             f"FAIL: logprob of {d.expected_text!r} at step {d.step} differs: "
             f"{expected_label} {d.expected_logprob:.6g}, {actual_label} {d.actual_logprob:.6g} "
-            f"(|diff| {abs(d.expected_logprob - d.actual_logprob):.3g} > tolerance {d.tolerance:.3g}, "
-            f"profile {profile.name})"
+            f"(|diff| {abs(d.expected_logprob - d.actual_logprob):.3g} > tolerance "
+            f"{d.tolerance:.3g}, profile {profile.name})"
         )
         # A token divergence before the bad logprob would be the more telling failure,
         # but logprobs are only checked over the matched prefix, so it cannot come first.
@@ -112,11 +119,21 @@ def compare_traces(
 
     if diverged_at is not None:
         return _judge_divergence(
-            expected, actual, diverged_at, profile, decode, max_error, expected_label, actual_label
+            expected,
+            actual,
+            diverged_at,
+            profile,
+            decode,
+            show,
+            max_error,
+            expected_label,
+            actual_label,
         )
 
     if len(exp_tokens) != len(act_tokens):
-        longer, longer_label = (actual, actual_label) if len(act_tokens) > shared else (expected, expected_label)
+        longer, longer_label = (
+            (actual, actual_label) if len(act_tokens) > shared else (expected, expected_label)
+        )
         shorter_label = expected_label if longer is actual else actual_label
         shorter = expected if longer is actual else actual
         extra = longer.events[shared]
@@ -129,7 +146,7 @@ def compare_traces(
             detail=(
                 f"{shorter_label} ended after {shared} tokens (finish_reason "
                 f"{shorter.finish_reason!r}); {longer_label} went on with "
-                f"{decode([extra.token])!r} (id {extra.token}) to {len(longer)} tokens "
+                f"{show(extra.token)!r} (id {extra.token}) to {len(longer)} tokens "
                 f"(finish_reason {longer.finish_reason!r})"
             ),
         )
@@ -160,7 +177,9 @@ def compare_traces(
     return Comparison(PASS, summary, shared, max_error)
 
 
-def margin_at(event: TokenEvent, other_token: int) -> tuple[float | None, bool, float | None, float | None]:
+def margin_at(
+    event: TokenEvent, other_token: int
+) -> tuple[float | None, bool, float | None, float | None]:
     """The event's logprob margin between its own token and ``other_token``.
 
     Returns (margin, is_lower_bound, own logprob, logprob of other_token).
@@ -177,7 +196,7 @@ def margin_at(event: TokenEvent, other_token: int) -> tuple[float | None, bool, 
 
 
 def _judge_divergence(
-    expected, actual, step, profile, decode, max_error, expected_label, actual_label
+    expected, actual, step, profile, decode, show, max_error, expected_label, actual_label
 ) -> Comparison:
     exp_event, act_event = expected.events[step], actual.events[step]
     margin, bound, exp_lp, exp_lp_of_act = margin_at(exp_event, act_event.token)
@@ -189,17 +208,17 @@ def _judge_divergence(
         step=step,
         context=_context(expected.tokens[:step], decode),
         expected_token=exp_event.token,
-        expected_text=decode([exp_event.token]),
+        expected_text=show(exp_event.token),
         actual_token=act_event.token,
-        actual_text=decode([act_event.token]),
+        actual_text=show(act_event.token),
         expected_logprob=exp_lp,
         expected_logprob_of_actual=exp_lp_of_act,
         actual_logprob=act_lp,
         actual_logprob_of_expected=act_lp_of_exp,
         margin=margin,
         margin_is_lower_bound=bound,
-        expected_top=_ranked(exp_event, decode),
-        actual_top=_ranked(act_event, decode),
+        expected_top=_ranked(exp_event, show),
+        actual_top=_ranked(act_event, show),
     )
     choice = (
         f"at step {step} {expected_label} chose {d.expected_text!r} (id {d.expected_token}), "
@@ -214,12 +233,13 @@ def _judge_divergence(
     if margin is None:
         why = f"{expected_label} reported no logprobs, so no near-tie can be recognised"
     else:
-        why = f"{expected_label} margin {'>= ' if bound else ''}{margin:.3g} >= epsilon {profile.tie_epsilon:g}"
+        at_least = ">= " if bound else ""
+        why = f"{expected_label} margin {at_least}{margin:.3g} >= epsilon {profile.tie_epsilon:g}"
     summary = f"FAIL: tokens diverge: {choice}; {why} (profile {profile.name})"
     return Comparison(FAIL, summary, step, max_error, d)
 
 
-def _check_logprobs(expected, actual, matched, profile, decode):
+def _check_logprobs(expected, actual, matched, profile, decode, show):
     """First chosen-token logprob outside tolerance over the matched prefix, and the max error."""
     max_error = None
     for step in range(matched):
@@ -228,7 +248,7 @@ def _check_logprobs(expected, actual, matched, profile, decode):
             continue
         error = abs(e - a) if e != a else 0.0  # equal infinities compare equal
         max_error = error if max_error is None else max(max_error, error)
-        if not profile.logprobs_agree(e, a) and e != a:
+        if not profile.logprobs_agree(e, a):
             event = expected.events[step]
             return (
                 Diagnostic(
@@ -236,22 +256,22 @@ def _check_logprobs(expected, actual, matched, profile, decode):
                     step=step,
                     context=_context(expected.tokens[:step], decode),
                     expected_token=event.token,
-                    expected_text=decode([event.token]),
+                    expected_text=show(event.token),
                     actual_token=event.token,
-                    actual_text=decode([event.token]),
+                    actual_text=show(event.token),
                     expected_logprob=e,
                     actual_logprob=a,
                     tolerance=profile.logprob_tolerance(e),
-                    expected_top=_ranked(expected.events[step], decode),
-                    actual_top=_ranked(actual.events[step], decode),
+                    expected_top=_ranked(expected.events[step], show),
+                    actual_top=_ranked(actual.events[step], show),
                 ),
                 max_error,
             )
     return None, max_error
 
 
-def _ranked(event: TokenEvent, decode: Decode) -> list[RankedToken]:
-    return [RankedToken(t, decode([t]), lp) for t, lp in (event.top_logprobs or [])[:TOP_SHOWN]]
+def _ranked(event: TokenEvent, show: TokenText) -> list[RankedToken]:
+    return [RankedToken(t, show(t), lp) for t, lp in (event.top_logprobs or [])[:TOP_SHOWN]]
 
 
 def _context(tokens: list[int], decode: Decode) -> str:
@@ -268,7 +288,11 @@ def render_diagnostic(d: Diagnostic, expected_label: str, actual_label: str) -> 
         lines.append(
             f"  {expected_label}: logprob({d.expected_text!r}) = {_num(d.expected_logprob)}, "
             f"logprob({d.actual_text!r}) = "
-            + (f"{_num(d.expected_logprob_of_actual)}" if not d.margin_is_lower_bound else "not in its top list")
+            + (
+                f"{_num(d.expected_logprob_of_actual)}"
+                if not d.margin_is_lower_bound
+                else "not in its top list"
+            )
         )
         lines.append(
             f"  {actual_label}: logprob({d.actual_text!r}) = {_num(d.actual_logprob)}, "

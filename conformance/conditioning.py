@@ -27,10 +27,14 @@ class Conditioning:
     epsilon: float
     ill_conditioned: bool
 
-    def describe(self, decode=None) -> str:
+    def describe(self, token_text=None) -> str:
         if self.min_margin is None:
             return "conditioning unknown (reference reported no top-2 logprobs)"
-        runner_up = f" (runner-up {_show(self.runner_up, decode)})" if self.runner_up is not None else ""
+        runner_up = (
+            f" (runner-up {_show(self.runner_up, token_text)})"
+            if self.runner_up is not None
+            else ""
+        )
         state = "ILL-CONDITIONED" if self.ill_conditioned else "well-conditioned"
         return (
             f"{state}: smallest top-1/top-2 margin {self.min_margin:.4g} at step {self.step}"
@@ -57,5 +61,5 @@ def conditioning_of(trace: Trace, epsilon: float) -> Conditioning:
     return Conditioning(margin, step, runner_up, epsilon, ill_conditioned=margin < epsilon)
 
 
-def _show(token: int, decode) -> str:
-    return f"{decode([token])!r} (id {token})" if decode else f"id {token}"
+def _show(token: int, token_text) -> str:
+    return f"{token_text(token)!r} (id {token})" if token_text else f"id {token}"

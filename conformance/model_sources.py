@@ -54,7 +54,9 @@ class ModelUnavailable(Exception):
 
 def available_formats(model: str) -> list[str]:
     if model not in BUILTIN_MODELS:
-        raise ModelUnavailable(f"unknown model {model!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        raise ModelUnavailable(
+            f"unknown model {model!r}; built-in models: {', '.join(BUILTIN_MODELS)}"
+        )
     formats = ["builtin", "hf-folder"]
     if model in FLOAT_MODELS:
         formats.append("hf-float-folder")

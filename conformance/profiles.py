@@ -9,15 +9,20 @@ precision. A profile states, for one precision regime, two numbers:
 - ``logprob_atol`` / ``logprob_rtol``: how far a chosen token's logprob may be
   from the reference's, over the steps where both chose the same token.
 
-The numbers come from measurement on this project's models (see the README's
-conformance section), with headroom of roughly ten times the largest deviation
-seen between correct engines, and remain far below the effect of any real bug
-in the mutant tests (a wrong bias, a lost position, a changed temperature all
-move logprobs by tenths to whole nats).
+The numbers come from measurement on this project's models: the largest
+chosen-token logprob difference between two correct engines over the whole
+catalogue was 1.3e-5 on ``dummy`` (transformers float32 vs MLX) and 4.1e-3 on
+``smollm2-135m`` (transformers' dequantized float32 vs MLX's 4-bit kernels).
+The tolerances leave 10-150 times that as headroom, and stay far below the
+effect of the bugs in the mutant tests (a wrong bias, a lost position, a
+changed temperature move logprobs by tenths of a nat or more). ``q4q8`` is
+for engines that also quantize activations to 8 bits, as llama.cpp does on
+CPU: on SmolLM2's France prompt that alone flips a 0.08-nat margin.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -30,7 +35,9 @@ class PrecisionProfile:
     description: str
 
     def logprobs_agree(self, expected: float, actual: float) -> bool:
-        return abs(expected - actual) <= self.logprob_atol + self.logprob_rtol * abs(expected)
+        if not (math.isfinite(expected) and math.isfinite(actual)):
+            return expected == actual  # -inf only matches -inf (a relative tolerance would not)
+        return abs(expected - actual) <= self.logprob_tolerance(expected)
 
     def logprob_tolerance(self, expected: float) -> float:
         return self.logprob_atol + self.logprob_rtol * abs(expected)
@@ -69,13 +76,19 @@ PROFILES: dict[str, PrecisionProfile] = {
         ),
         PrecisionProfile(
             "q4",
-            tie_epsilon=0.2,
-            logprob_atol=0.1,
+            tie_epsilon=0.1,
+            logprob_atol=0.05,
             logprob_rtol=1e-2,
             description=(
-                "4-bit weights (same dequantized values in every engine); engines may "
-                "quantize activations (llama.cpp does), which moves logits by a few hundredths"
+                "4-bit weights, the same dequantized values in every engine, float activations"
             ),
+        ),
+        PrecisionProfile(
+            "q4q8",
+            tie_epsilon=0.3,
+            logprob_atol=0.15,
+            logprob_rtol=2e-2,
+            description="4-bit weights and 8-bit activations (llama.cpp's CPU path)",
         ),
     )
 }
@@ -88,7 +101,9 @@ def get_profile(name: str) -> PrecisionProfile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown precision profile {name!r}; choose from {sorted(PROFILES)}") from None
+        raise ValueError(
+            f"unknown precision profile {name!r}; choose from {sorted(PROFILES)}"
+        ) from None
 
 
 def profile_for_model(model: str, override: str | None = None) -> PrecisionProfile:

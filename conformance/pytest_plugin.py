@@ -1,1 +1,146 @@
-"""pytest plugin (placeholder until the conformance plugin lands)."""
+"""pytest plugin: ``pytest --pyargs conformance --engine E --model M`` runs the catalogue.
+
+Registered as a ``pytest11`` entry point, so pytest loads it in *every* run
+of every project in the environment. It therefore imports nothing but
+pytest at load time, and does nothing but add its options unless
+``--engine`` is given: only then is the catalogue test in this package
+collected (one test per engine, model and case).
+
+Verdicts are the CLI's (both call ``runner.run_case``): pass and near-tie
+pass (a near-tie is recorded as a user property and printed), fail fails
+with the diagnostic, unsupported and unavailable engines skip with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MODELS = ("dummy", "smollm2-135m")
+CATALOGUE_TEST = Path(__file__).with_name("test_catalogue.py")
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("lmconform", "lmconform conformance suite")
+    group.addoption(
+        "--engine",
+        action="append",
+        default=None,
+        help="engine to validate: reference, mlx-lm, transformers or module:Class (repeatable); "
+        "enables the conformance tests of `pytest --pyargs conformance`",
+    )
+    group.addoption(
+        "--model",
+        action="append",
+        default=None,
+        help=f"model for the conformance tests (repeatable; default: {', '.join(DEFAULT_MODELS)})",
+    )
+    group.addoption(
+        "--cases", default=None, help="conformance case ids: substrings or globs, comma-separated"
+    )
+    group.addoption("--profile", default=None, help="precision profile (default: per model)")
+    group.addoption(
+        "--case-timeout", type=float, default=600.0, help="time limit per conformance case (s)"
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    if config.getoption("engine") is None and Path(collection_path) == CATALOGUE_TEST:
+        return True
+    return None
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "conformance_case" not in metafunc.fixturenames:
+        return
+    from .catalogue import load_cases, select_cases
+
+    config = metafunc.config
+    engines = config.getoption("engine") or ["reference"]
+    models = config.getoption("model") or list(DEFAULT_MODELS)
+    catalogue = load_cases()
+    params, ids = [], []
+    for model in models:
+        for engine in engines:
+            for case in select_cases(catalogue, model, config.getoption("cases")):
+                params.append((engine, model, case))
+                ids.append(f"{engine}@{model}:{case.id}")
+    metafunc.parametrize("conformance_case", params, ids=ids)
+
+
+class ConformanceSession:
+    """Engines and oracles opened on first use and shared by all conformance tests."""
+
+    def __init__(self, config):
+        self.config = config
+        self.oracles = {}
+        self.engines = {}
+
+    def oracle(self, model: str):
+        from .oracle import ReferenceOracle
+
+        if model not in self.oracles:
+            self.oracles[model] = ReferenceOracle(model)
+        return self.oracles[model]
+
+    def engine(self, spec: str, model: str):
+        """The opened engine, or the reason it cannot be used (a string)."""
+        from .adapters import EngineUnavailable, open_engine
+
+        key = (spec, model)
+        if key not in self.engines:
+            try:
+                oracle = self.oracle(model)
+                self.engines[key] = (
+                    oracle.engine if spec == "reference" else open_engine(spec, model)
+                )
+            except EngineUnavailable as error:
+                self.engines[key] = str(error)
+        return self.engines[key]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            if not isinstance(engine, str) and all(
+                engine is not o.engine for o in self.oracles.values()
+            ):
+                engine.close()
+        for oracle in self.oracles.values():
+            oracle.close()
+
+
+@pytest.fixture(scope="session")
+def conformance_session(request):
+    session = ConformanceSession(request.config)
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def conformance_result(conformance_case, conformance_session, request):
+    """Runs the case (skipping when the engine is unavailable); ``judge`` gives the outcome."""
+    from .runner import run_case
+
+    spec, model, case = conformance_case
+    engine = conformance_session.engine(spec, model)
+    if isinstance(engine, str):
+        pytest.skip(engine)
+    oracle = conformance_session.oracle(model)
+    profile = oracle.default_profile(request.config.getoption("profile"))
+    result = run_case(case, engine, oracle, profile, request.config.getoption("case_timeout"))
+    request.node.user_properties.append(("verdict", result.verdict))
+    return result
+
+
+def judge(result) -> None:
+    """The pytest outcome of a case result: the same verdict the CLI prints."""
+    from .comparator import FAIL, NEAR_TIE
+    from .report import format_problems
+    from .runner import UNSUPPORTED
+
+    if result.verdict == UNSUPPORTED:
+        pytest.skip(result.reason)
+    if result.verdict == FAIL:
+        pytest.fail(format_problems([result]), pytrace=False)
+    if result.verdict == NEAR_TIE:
+        print(format_problems([result]))

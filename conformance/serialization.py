@@ -81,7 +81,9 @@ def from_message(data: Any) -> Any:
         raise ProtocolError(f"a message must be a JSON object with a 'type', got {data!r:.200}")
     kind = data["type"]
     if kind not in MESSAGE_TYPES:
-        raise ProtocolError(f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}")
+        raise ProtocolError(
+            f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}"
+        )
     body = {k: v for k, v in data.items() if k != "type"}
     return from_json_dict(MESSAGE_TYPES[kind], body, kind)
 
@@ -112,7 +114,9 @@ def _decode(tp: Any, data: Any, path: str) -> Any:
         return [_decode(item, v, f"{path}[{i}]") for i, v in enumerate(data)]
     if origin is tuple:
         items = typing.get_args(tp)
-        _expect(isinstance(data, list) and len(data) == len(items), path, f"a {len(items)}-list", data)
+        _expect(
+            isinstance(data, list) and len(data) == len(items), path, f"a {len(items)}-list", data
+        )
         return tuple(_decode(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(items, data)))
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
@@ -124,7 +128,9 @@ def _decode(tp: Any, data: Any, path: str) -> Any:
     if tp is float:
         if isinstance(data, str) and data in _NON_FINITE:
             return _NON_FINITE[data]
-        _expect(isinstance(data, (int, float)) and not isinstance(data, bool), path, "a number", data)
+        _expect(
+            isinstance(data, (int, float)) and not isinstance(data, bool), path, "a number", data
+        )
         return float(data)
     if tp is int:
         _expect(isinstance(data, int) and not isinstance(data, bool), path, "an integer", data)

@@ -38,36 +38,53 @@ def validate_generation(
     if not events:
         raise ProtocolError("the engine produced no tokens")
     if len(events) > request.max_tokens:
-        raise ProtocolError(f"{len(events)} tokens produced, but max_tokens is {request.max_tokens}")
+        raise ProtocolError(
+            f"{len(events)} tokens produced, but max_tokens is {request.max_tokens}"
+        )
     stops = end_tokens | set(request.stop_tokens)
     for step, event in enumerate(events):
         _check_event(event, step, vocab_size, top_logprobs, greedy=request.sampler.greedy)
         last = step == len(events) - 1
         if event.finish_reason is not None and not last:
-            raise ProtocolError(f"finish_reason {event.finish_reason!r} at step {step}, before the last event")
+            raise ProtocolError(
+                f"finish_reason {event.finish_reason!r} at step {step}, before the last event"
+            )
         if not last and event.token in stops:
-            raise ProtocolError(f"end token {event.token} at step {step} did not end the generation")
+            raise ProtocolError(
+                f"end token {event.token} at step {step} did not end the generation"
+            )
         if not last and _ends_with_stop_sequence(trace.tokens[: step + 1], request.stop_sequences):
-            raise ProtocolError(f"a stop sequence completed at step {step} did not end the generation")
+            raise ProtocolError(
+                f"a stop sequence completed at step {step} did not end the generation"
+            )
         if event.from_draft and request.draft is None:
             raise ProtocolError(f"step {step} claims from_draft without a draft model")
     reason = events[-1].finish_reason
     if reason not in FINISH_REASONS:
-        raise ProtocolError(f"the last event's finish_reason is {reason!r}; expected one of {FINISH_REASONS}")
+        raise ProtocolError(
+            f"the last event's finish_reason is {reason!r}; expected one of {FINISH_REASONS}"
+        )
     if reason == "length" and len(events) != request.max_tokens:
-        raise ProtocolError(f"finish_reason 'length' after {len(events)} tokens; max_tokens is {request.max_tokens}")
-    if reason == "stop" and events[-1].token not in stops:
-        if not _ends_with_stop_sequence(trace.tokens, request.stop_sequences):
-            raise ProtocolError(
-                f"finish_reason 'stop' but the last token {events[-1].token} is no end token "
-                "and completes no stop sequence"
-            )
+        raise ProtocolError(
+            f"finish_reason 'length' after {len(events)} tokens; max_tokens is {request.max_tokens}"
+        )
+    stopped = events[-1].token in stops or _ends_with_stop_sequence(
+        trace.tokens, request.stop_sequences
+    )
+    if reason == "stop" and not stopped:
+        raise ProtocolError(
+            f"finish_reason 'stop' but the last token {events[-1].token} is no end token "
+            "and completes no stop sequence"
+        )
 
 
-def validate_score(trace: Trace, request: ScoreRequest, *, vocab_size: int, top_logprobs: int) -> None:
+def validate_score(
+    trace: Trace, request: ScoreRequest, *, vocab_size: int, top_logprobs: int
+) -> None:
     if trace.tokens != list(request.continuation):
         raise ProtocolError(
-            f"score answered tokens {trace.tokens[:8]}... for continuation {request.continuation[:8]}..."
+            f"score answered tokens {trace.tokens[:8]}... "
+            f"for continuation {request.continuation[:8]}..."
         )
     for step, event in enumerate(trace.events):
         _check_event(event, step, vocab_size, top_logprobs, greedy=False)
@@ -87,14 +104,17 @@ def validate_text(trace: Trace, decode: Callable[[list[int]], str], end_tokens: 
     expected = decode(tokens)
     if trace.text != expected:
         raise ProtocolError(
-            f"text pieces join to {_clip(trace.text)!r}, but the tokens decode to {_clip(expected)!r}"
+            f"text pieces join to {_clip(trace.text)!r}, "
+            f"but the tokens decode to {_clip(expected)!r}"
         )
 
 
 def _check_event(event, step: int, vocab_size: int, top_logprobs: int, greedy: bool) -> None:
     token = event.token
     if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
-        raise ProtocolError(f"token {token!r} at step {step} is outside the vocabulary [0, {vocab_size})")
+        raise ProtocolError(
+            f"token {token!r} at step {step} is outside the vocabulary [0, {vocab_size})"
+        )
     if event.logprob is not None and (math.isnan(event.logprob) or event.logprob > LOGPROB_SLACK):
         raise ProtocolError(f"logprob {event.logprob} at step {step} is not a log-probability")
     if not top_logprobs:
@@ -105,21 +125,31 @@ def _check_event(event, step: int, vocab_size: int, top_logprobs: int, greedy: b
         raise ProtocolError(f"{len(top)} top logprobs at step {step}; {wanted} were requested")
     ids = [t for t, _ in top]
     if len(set(ids)) != len(ids) or not all(0 <= t < vocab_size for t in ids):
-        raise ProtocolError(f"top logprobs at step {step} repeat ids or leave the vocabulary: {ids}")
+        raise ProtocolError(
+            f"top logprobs at step {step} repeat ids or leave the vocabulary: {ids}"
+        )
     values = [lp for _, lp in top]
     if any(math.isnan(v) or v > LOGPROB_SLACK for v in values):
         raise ProtocolError(f"top logprobs at step {step} are not log-probabilities: {values}")
     if any(a < b for a, b in itertools.pairwise(values)):
-        raise ProtocolError(f"top logprobs at step {step} are not sorted, most likely first: {values}")
+        raise ProtocolError(
+            f"top logprobs at step {step} are not sorted, most likely first: {values}"
+        )
     listed = dict(top)
     if event.logprob is not None and token in listed and not _close(listed[token], event.logprob):
         raise ProtocolError(
-            f"step {step}: chosen token's logprob {event.logprob} differs from its top-list entry {listed[token]}"
+            f"step {step}: chosen token's logprob {event.logprob} differs from its "
+            f"top-list entry {listed[token]}"
         )
-    if greedy and values and event.logprob is not None and event.logprob < values[0] - LOGPROB_SLACK:
+    if (
+        greedy
+        and values
+        and event.logprob is not None
+        and event.logprob < values[0] - LOGPROB_SLACK
+    ):
         raise ProtocolError(
-            f"greedy step {step} chose token {token} (logprob {event.logprob:.6g}) but the engine's own "
-            f"top token is {ids[0]} (logprob {values[0]:.6g})"
+            f"greedy step {step} chose token {token} (logprob {event.logprob:.6g}) but the "
+            f"engine's own top token is {ids[0]} (logprob {values[0]:.6g})"
         )
 
 

@@ -15,6 +15,7 @@ Where to find things:
 - export.py            write a model as a standard Hugging Face folder
 """
 
+from .batch import BatchGenerator, BatchResponse, batch_generate
 from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .kv_cache import (
     KVCache,
@@ -31,9 +32,12 @@ from .sampler import make_sampler
 from .speculative import speculative_generate_step
 
 __all__ = [
+    "BatchGenerator",
+    "BatchResponse",
     "GenerationResponse",
     "KVCache",
     "RotatingKVCache",
+    "batch_generate",
     "can_trim_prompt_cache",
     "generate",
     "generate_step",

@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -48,9 +49,14 @@ class Request:
     cache: list  # single-sequence caches to start from (not modified)
     tokens: list[int]  # every token in the cache, for logits processors
     generated: list[int] = field(default_factory=list)
+    padding: int = 0  # PAD columns before the prompt in its prefill batch
+
+    def prefill_columns(self) -> list[int]:
+        """The prompt but its last token, left-padded (0 is a placeholder, never attended)."""
+        return [0] * self.padding + self.prompt[:-1]
 
     def finish_reason(self) -> str | None:
-        """"stop" if the generated tokens end with a stop sequence, "length" at max_tokens."""
+        """Why to stop now: "stop" (a stop sequence just ended), "length", or None."""
         if any(self.generated[-len(s) :] == list(s) for s in self.stop_sequences):
             return "stop"
         return "length" if len(self.generated) >= self.max_tokens else None
@@ -74,7 +80,8 @@ class Rows:
             cache.filter(keep)
         if self.next_tokens is not None:
             index = mx.array(keep, dtype=mx.int32)
-            self.next_tokens, self.next_logprobs = self.next_tokens[index], self.next_logprobs[index]
+            self.next_tokens = self.next_tokens[index]
+            self.next_logprobs = self.next_logprobs[index]
 
     def extend(self, other: Rows) -> None:
         self.requests += other.requests
@@ -85,16 +92,6 @@ class Rows:
 
     def extract_cache(self, row: int) -> list:
         return [cache.extract(row) for cache in self.caches]
-
-
-@dataclass
-class Prefill:
-    """Rows being prefilled: their prompts (all but the last token), left-padded."""
-
-    rows: Rows
-    columns: list[list[int]]  # per row, the padded prompt; 0 = padding
-    padding: list[int]
-    done: int = 0  # columns already in the cache
 
 
 @dataclass
@@ -136,12 +133,9 @@ class BatchStats:
         return self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0
 
     @property
-    def generation_time(self) -> float:
-        return max(0.0, self.wall_time - self.prompt_time)
-
-    @property
     def generation_tps(self) -> float:
-        time_spent = self.generation_time
+        """Generated tokens per second of wall time outside prompt processing."""
+        time_spent = self.wall_time - self.prompt_time
         return self.generation_tokens / time_spent if time_spent > 0 else 0.0
 
 
@@ -183,14 +177,23 @@ class BatchGenerator:
         self._cache_kind = cache_kind(make_prompt_cache(model, max_kv_size))
         self._stream = stream or mx.default_stream(mx.default_device())
         self._queue: deque[Request] = deque()
-        self._prefill: Prefill | None = None
-        self._running: Rows | None = None
+        self._prefill: Rows | None = None  # requests being prefilled together
+        self._prefilled = 0  # columns of their padded prompts already in the cache
+        self._running: Rows | None = None  # requests being decoded
         self._next_uid = 0
         self._totals = BatchStats()
 
     # -- requests in ----------------------------------------------------------------------
-    def insert(self, prompts, max_tokens=None, caches=None, all_tokens=None, samplers=None,
-               logits_processors=None, stop_sequences=None) -> list[int]:
+    def insert(
+        self,
+        prompts,
+        max_tokens=None,
+        caches=None,
+        all_tokens=None,
+        samplers=None,
+        logits_processors=None,
+        stop_sequences=None,
+    ) -> list[int]:
         """Queue prompts (lists of token ids); returns their uids.
 
         Per-prompt lists override the generator's defaults (a None entry keeps the
@@ -201,9 +204,14 @@ class BatchGenerator:
         n = len(prompts)
         if isinstance(max_tokens, int):
             max_tokens = [max_tokens] * n
-        options = {"max_tokens": max_tokens, "caches": caches, "all_tokens": all_tokens,
-                   "samplers": samplers, "logits_processors": logits_processors,
-                   "stop_sequences": stop_sequences}
+        options = {
+            "max_tokens": max_tokens,
+            "caches": caches,
+            "all_tokens": all_tokens,
+            "samplers": samplers,
+            "logits_processors": logits_processors,
+            "stop_sequences": stop_sequences,
+        }
         for name, values in options.items():
             if values is not None and len(values) != n:
                 raise ValueError(f"{name} must have one entry per prompt: {n}, got {len(values)}")
@@ -221,16 +229,18 @@ class BatchGenerator:
                     f"max_kv_size={self.max_kv_size} need {self._cache_kind}"
                 )
             stops = stop_sequences[i] if stop_sequences else None
-            requests.append(Request(
-                uid=self._next_uid + i,
-                prompt=prompt.tolist(),
-                max_tokens=max_tokens[i],
-                sampler=(samplers[i] if samplers else None) or self.sampler,
-                processors=tuple(processors[i] or ()),
-                stop_sequences=self.stop_tokens if stops is None else as_stop_sequences(stops),
-                cache=cache or make_prompt_cache(self.model, self.max_kv_size),
-                tokens=list(all_tokens[i]) if all_tokens else [],
-            ))
+            requests.append(
+                Request(
+                    uid=self._next_uid + i,
+                    prompt=prompt.tolist(),
+                    max_tokens=max_tokens[i],
+                    sampler=(samplers[i] if samplers else None) or self.sampler,
+                    processors=tuple(processors[i] or ()),
+                    stop_sequences=self.stop_tokens if stops is None else as_stop_sequences(stops),
+                    cache=cache or make_prompt_cache(self.model, self.max_kv_size),
+                    tokens=list(all_tokens[i]) if all_tokens else [],
+                )
+            )
         self._queue.extend(requests)
         self._next_uid += n
         return [r.uid for r in requests]
@@ -240,11 +250,10 @@ class BatchGenerator:
         """One decode step for the running batch, then one prefill chunk if there is room."""
         with mx.stream(self._stream):
             generated = self._decode() if self._running else []
-            prompts = []
-            if self._prefill is None and self._queue and self._room() > 0:
-                self._prefill = self._start_prefill(min(self.prefill_batch_size, self._room()))
-            if self._prefill is not None:
-                prompts = self._prefill_chunk()
+            room = self.completion_batch_size - (len(self._running) if self._running else 0)
+            if self._prefill is None and self._queue and room > 0:
+                self._start_prefill(min(self.prefill_batch_size, room, len(self._queue)))
+            prompts = self._prefill_chunk() if self._prefill else []
             return prompts, generated
 
     def next_generated(self) -> list[TokenResponse]:
@@ -254,39 +263,38 @@ class BatchGenerator:
             if generated or not prompts:
                 return generated
 
-    def _room(self) -> int:
-        return self.completion_batch_size - (len(self._running) if self._running else 0)
-
-    def _start_prefill(self, n: int) -> Prefill:
-        requests = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
-        caches = [BatchKVCache.merge(layer) for layer in zip(*(r.cache for r in requests))]
+    def _start_prefill(self, n: int) -> None:
+        """Take ``n`` queued requests; left-pad their prompts to a common width."""
+        requests = [self._queue.popleft() for _ in range(n)]
         width = max(len(r.prompt) - 1 for r in requests)
-        padding = [width - (len(r.prompt) - 1) for r in requests]
+        for request in requests:
+            request.padding = width - (len(request.prompt) - 1)
+        caches = [BatchKVCache.merge(layer) for layer in zip(*(r.cache for r in requests))]
         for cache in caches:
-            cache.prepare(padding)
-        columns = [[0] * pad + r.prompt[:-1] for pad, r in zip(padding, requests)]
-        return Prefill(Rows(requests, caches), columns, padding)
+            cache.prepare([r.padding for r in requests])
+        self._prefill, self._prefilled = Rows(requests, caches), 0
 
     def _prefill_chunk(self) -> list[PromptResponse]:
-        """Feed the next ``prefill_step_size`` columns; the last chunk also starts decoding."""
-        prefill, tic = self._prefill, time.perf_counter()
-        requests, width = prefill.rows.requests, len(prefill.columns[0])
-        start, end = prefill.done, min(prefill.done + self.prefill_step_size, width)
+        """Feed the next ``prefill_step_size`` columns; after the last, start decoding."""
+        rows, tic = self._prefill, time.perf_counter()
+        width = len(rows.requests[0].prefill_columns())
+        start = self._prefilled
+        end = self._prefilled = min(start + self.prefill_step_size, width)
         if end > start:
-            chunk = [row[start:end] for row in prefill.columns]
-            self.model(mx.array(chunk), cache=prefill.rows.caches)
-            mx.eval([c.state for c in prefill.rows.caches])
-            for request, row, pad in zip(requests, chunk, prefill.padding):
-                request.tokens += row[max(pad - start, 0) :]
-            self._totals.prompt_tokens += sum(max(0, end - max(start, pad))
-                                              for pad in prefill.padding)
-        prefill.done = end
-        responses = [
-            PromptResponse(r.uid, (max(0, end - pad), len(r.prompt)), False, False)
-            for r, pad in zip(requests, prefill.padding)
-        ]
-        if end == width:
-            responses = self._start_decoding(prefill.rows)
+            chunk = [r.prefill_columns()[start:end] for r in rows.requests]
+            self.model(mx.array(chunk), cache=rows.caches)
+            mx.eval([c.state for c in rows.caches])
+            for request, columns in zip(rows.requests, chunk):
+                real = columns[max(request.padding - start, 0) :]
+                request.tokens += real
+                self._totals.prompt_tokens += len(real)
+        if end < width:
+            responses = [
+                PromptResponse(r.uid, (max(0, end - r.padding), len(r.prompt)), False, False)
+                for r in rows.requests
+            ]
+        else:
+            responses = self._start_decoding(rows)
             self._prefill = None
         self._totals.prompt_time += time.perf_counter() - tic
         return responses
@@ -316,26 +324,15 @@ class BatchGenerator:
             request.tokens.append(token)
             request.generated.append(token)
             reason = request.finish_reason()
-            finished = reason is not None
-            responses.append(TokenResponse(
-                request.uid, token, logprobs[i], reason,
-                rows.extract_cache(i) if finished else None,
-                request.tokens if finished else None,
-            ))
-            if not finished:
+            cache, history = (rows.extract_cache(i), request.tokens) if reason else (None, None)
+            responses.append(TokenResponse(request.uid, token, logprobs[i], reason, cache, history))
+            if reason is None:
                 keep.append(i)
-        self._leave(keep)
+        self._running = keep_rows(rows, keep)
         self._totals.generation_tokens += len(responses)
         self._totals.generation_steps += 1
         self._totals.decode_time += time.perf_counter() - tic
         return responses
-
-    def _leave(self, keep: list[int]) -> None:
-        """Keep only the rows ``keep`` of the running batch."""
-        if not keep:
-            self._running = None
-        elif len(keep) < len(self._running):
-            self._running.filter(keep)
 
     def _step(self, rows: Rows, inputs: mx.array) -> tuple[mx.array, mx.array]:
         """Feed one token per row; return the next tokens and their log-probabilities.
@@ -345,10 +342,12 @@ class BatchGenerator:
         """
         logits = self.model(inputs[:, None], cache=rows.caches)[:, -1, :]
         if any(r.processors for r in rows.requests):
-            logits = mx.concatenate([
-                apply_processors(r.processors, r.tokens, inputs[i : i + 1], logits[i : i + 1])
-                for i, r in enumerate(rows.requests)
-            ])
+            logits = mx.concatenate(
+                [
+                    apply_processors(r.processors, r.tokens, inputs[i : i + 1], logits[i : i + 1])
+                    for i, r in enumerate(rows.requests)
+                ]
+            )
         logprobs = log_softmax(logits)
         samplers = [r.sampler for r in rows.requests]
         if all(s is samplers[0] for s in samplers):
@@ -359,27 +358,20 @@ class BatchGenerator:
     # -- requests out -------------------------------------------------------------------
     def remove(self, uids, return_prompt_caches: bool = False) -> dict[int, Any]:
         """Drop sequences wherever they are; optionally return ``{uid: (cache, tokens)}``."""
-        uids, caches = set(uids), {}
+        uids, removed = set(uids), {}
         for request in self._queue:
             if request.uid in uids:
-                caches[request.uid] = (request.cache, request.tokens)
+                removed[request.uid] = (request.cache, request.tokens)
         self._queue = deque(r for r in self._queue if r.uid not in uids)
-        for rows in (self._prefill.rows if self._prefill else None, self._running):
-            if rows is None:
-                continue
-            keep = [i for i, r in enumerate(rows.requests) if r.uid not in uids]
-            for i, request in enumerate(rows.requests):
+        for name in ("_prefill", "_running"):
+            rows = getattr(self, name)
+            for i, request in enumerate(rows.requests if rows else []):
                 if request.uid in uids:
-                    caches[request.uid] = (rows.extract_cache(i), request.tokens)
-            if rows is self._running:
-                self._leave(keep)
-            elif not keep:
-                self._prefill = None
-            elif len(keep) < len(rows):
-                rows.filter(keep)
-                self._prefill.columns = [self._prefill.columns[i] for i in keep]
-                self._prefill.padding = [self._prefill.padding[i] for i in keep]
-        return caches if return_prompt_caches else {}
+                    removed[request.uid] = (rows.extract_cache(i), request.tokens)
+            if rows:
+                keep = [i for i, r in enumerate(rows.requests) if r.uid not in uids]
+                setattr(self, name, keep_rows(rows, keep))
+        return removed if return_prompt_caches else {}
 
     @contextlib.contextmanager
     def stats(self):
@@ -444,11 +436,7 @@ def batch_generate(
                     if return_logprobs:
                         logprobs[r.uid].append(r.logprobs[r.token].item())
     if verbose:
-        print(f"\n[batch_generate] prompt: {stats.prompt_tokens} tokens, "
-              f"{stats.prompt_tps:.3f} tokens-per-sec")
-        print(f"[batch_generate] generation: {stats.generation_tokens} tokens, "
-              f"{stats.generation_tps:.3f} tokens-per-sec")
-        print(f"[batch_generate] peak memory: {stats.peak_memory:.3f} GB")
+        print(f"\n[batch_generate] {stats}")
     return BatchResponse(
         texts=[tokenizer.decode(tokens[uid]) for uid in uids],
         stats=stats,
@@ -456,6 +444,13 @@ def batch_generate(
         token_ids=[tokens[uid] for uid in uids] if return_token_ids else None,
         logprobs=[logprobs[uid] for uid in uids] if return_logprobs else None,
     )
+
+
+def keep_rows(rows: Rows, keep: list[int]) -> Rows | None:
+    """``rows`` reduced to the rows ``keep``, or None if none is left."""
+    if keep and len(keep) < len(rows):
+        rows.filter(keep)
+    return rows if keep else None
 
 
 def apply_processors(processors, tokens: list[int], inputs: mx.array, logits: mx.array):
@@ -470,15 +465,19 @@ def apply_processors(processors, tokens: list[int], inputs: mx.array, logits: mx
 
 def as_stop_sequences(stop_tokens) -> list[tuple[int, ...]]:
     """Stop sequences as tuples: ``[2, [13, 14]]`` -> ``[(2,), (13, 14)]``; empty ones dropped."""
-    sequences = [(s,) if isinstance(s, int) else tuple(int(t) for t in s)
-                 for s in (stop_tokens or [])]
+    sequences = [
+        (s,) if isinstance(s, int) else tuple(int(t) for t in s) for s in (stop_tokens or [])
+    ]
     return [s for s in sequences if s]
 
 
 def cache_kind(cache: list) -> list[tuple]:
     """What a prompt cache is, layer by layer: class name and window settings."""
-    return [(type(c).__name__, getattr(c, "max_size", None), getattr(c, "keep", None))
-            for c in cache]
+    if not isinstance(cache, (list, tuple)):
+        return [(type(cache).__name__,)]
+    return [
+        (type(c).__name__, getattr(c, "max_size", None), getattr(c, "keep", None)) for c in cache
+    ]
 
 
 def check_positive(name: str, value) -> None:

@@ -101,15 +101,10 @@ class BatchKVCache:
 
     @classmethod
     def from_single(cls, cache: KVCache | RotatingKVCache) -> BatchKVCache:
-        if isinstance(cache, RotatingKVCache):
-            batch = cls(1, cache.max_size, cache.keep)
-        else:
-            batch = cls(1)
+        rotating = isinstance(cache, RotatingKVCache)
+        batch = cls(1, cache.max_size, cache.keep) if rotating else cls(1)
         if cache.keys is not None and cache.offset > 0:
-            if isinstance(cache, RotatingKVCache):
-                positions = np.array(cache.stored_positions())
-            else:
-                positions = np.arange(cache.offset)
+            positions = np.array(cache.stored_positions()) if rotating else np.arange(cache.offset)
             stored = len(positions)
             batch.keys, batch.values = cache.keys[..., :stored, :], cache.values[..., :stored, :]
             batch.positions = positions[None]
@@ -120,17 +115,24 @@ class BatchKVCache:
         """Append the rows of ``other`` (same kind of cache) below these rows."""
         width = max(self.size(), other.size())
         like = self.keys if self.keys is not None else other.keys
+        top, bottom = self._padded(width, like), other._padded(width, like)
         if like is not None:
-            self.keys, self.values = (
-                mx.concatenate([pad_left(getattr(c, name), width, like, len(c.padding))
-                                for c in (self, other)])
-                for name in ("keys", "values")
-            )
-        self.positions = np.concatenate(
-            [np.pad(c.positions, ((0, 0), (width - c.size(), 0)), constant_values=PAD)
-             for c in (self, other)])
+            self.keys = mx.concatenate([top[0], bottom[0]])
+            self.values = mx.concatenate([top[1], bottom[1]])
+        self.positions = np.concatenate([top[2], bottom[2]])
         self.next_position = np.concatenate([self.next_position, other.next_position])
         self.padding = np.concatenate([self.padding, other.padding])
+
+    def _padded(self, width: int, like: mx.array | None):
+        """Keys, values and positions with PAD slots added on the left up to ``width``."""
+        positions = np.pad(self.positions, ((0, 0), (width - self.size(), 0)), constant_values=PAD)
+        if like is None:
+            return None, None, positions
+        if self.keys is None:
+            zeros = mx.zeros((len(positions), like.shape[1], width, like.shape[3]), like.dtype)
+            return zeros, zeros, positions
+        slots = [(0, 0), (0, 0), (width - self.size(), 0), (0, 0)]
+        return mx.pad(self.keys, slots), mx.pad(self.values, slots), positions
 
     def filter(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order)."""
@@ -194,8 +196,11 @@ class BatchKVCache:
         index = packing(kept)
         if index is None:
             return
-        self.positions = np.where(np.take_along_axis(kept, index, axis=1),
-                                  np.take_along_axis(self.positions, index, axis=1), PAD)
+        self.positions = np.where(
+            np.take_along_axis(kept, index, axis=1),
+            np.take_along_axis(self.positions, index, axis=1),
+            PAD,
+        )
         if self.keys is not None:
             gather = mx.array(index)[:, None, :, None]
             self.keys = mx.take_along_axis(self.keys, gather, axis=2)
@@ -215,10 +220,3 @@ class BatchKVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-def pad_left(x: mx.array | None, width: int, like: mx.array, rows: int) -> mx.array:
-    """``x`` with zero slots added on the left of axis 2 up to ``width`` (None: all zeros)."""
-    if x is None:
-        return mx.zeros((rows, like.shape[1], width, like.shape[3]), like.dtype)
-    return mx.pad(x, [(0, 0), (0, 0), (width - x.shape[2], 0), (0, 0)])

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from ..model_sources import ModelSource
-from ..protocol import BatchRequest, GenerateRequest, ProtocolError, ScoreRequest, TokenEvent, Unsupported
+from ..protocol import (
+    BatchRequest,
+    GenerateRequest,
+    ProtocolError,
+    ScoreRequest,
+    TokenEvent,
+    Unsupported,
+)
 
 
 class Engine(ABC):

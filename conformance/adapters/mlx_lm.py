@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import mlx_lm
-from mlx_lm import generate as mlx_generate
 from mlx_lm import sample_utils
 from mlx_lm.models import cache as mlx_cache
 
 from ..model_sources import resolve
 from .mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+
+# The module, not the function of the same name that mlx_lm's __init__ exports.
+mlx_generate = importlib.import_module("mlx_lm.generate")
 
 
 class MlxLmEngine(MlxStyleEngine):
@@ -42,4 +45,8 @@ class MlxLmEngine(MlxStyleEngine):
 
     def describe(self) -> dict:
         version = getattr(mlx_lm, "__version__", "unknown")
-        return {"engine": self.name, "version": f"mlx-lm {version}", "model": self.source.describe()}
+        return {
+            "engine": self.name,
+            "version": f"mlx-lm {version}",
+            "model": self.source.describe(),
+        }

@@ -23,7 +23,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..protocol import BatchRequest, GenerateRequest, ScoreRequest, TokenEvent, Unsupported
+from ..protocol import (
+    BatchRequest,
+    GenerateRequest,
+    ProtocolError,
+    ScoreRequest,
+    TokenEvent,
+    Unsupported,
+)
 from .base import Engine, ends_with_any, event_from_logprobs
 
 ALL_BUT_BATCH = frozenset(
@@ -120,10 +127,10 @@ class MlxStyleEngine(Engine):
         step = 0
         try:
             while finished < len(rows):
+                if waiting and len(row_of_uid) == finished:
+                    # Nothing is running: skip ahead to the next insertion instead of idling.
+                    step = max(step, request.rows[waiting[0]].insert_at)
                 due = [i for i in waiting if request.rows[i].insert_at <= step]
-                if not due and len(row_of_uid) == finished:
-                    # Nothing is running: the next rows join now rather than idling.
-                    due = [i for i in waiting if request.rows[i].insert_at == request.rows[waiting[0]].insert_at]
                 if due:
                     waiting = [i for i in waiting if i not in due]
                     uids = generator.insert(
@@ -133,7 +140,10 @@ class MlxStyleEngine(Engine):
                         logits_processors=[self.processors(rows[i].processors) or [] for i in due],
                     )
                     row_of_uid.update(zip(uids, due))
-                for response in generator.next_generated():
+                responses = generator.next_generated()
+                if not responses and not due:
+                    raise ProtocolError(f"{self.name}'s BatchGenerator stopped with rows unfinished")
+                for response in responses:
                     i = row_of_uid[response.uid]
                     outputs[i].append(
                         event_from_logprobs(
@@ -247,7 +257,9 @@ class MlxStyleEngine(Engine):
                 finish = "stop"
                 text = self.tokenizer.decode(tokens)[len(emitted) :]
             emitted += text
-            yield self.event(response.token, response.logprobs, request, text, response.from_draft, finish)
+            yield self.event(
+                response.token, response.logprobs, request, text, response.from_draft, finish
+            )
             if finish is not None:
                 break
 

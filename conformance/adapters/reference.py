@@ -53,4 +53,8 @@ class ReferenceEngine(MlxStyleEngine):
         return np.array(vectors.astype(mx.float32))
 
     def describe(self) -> dict:
-        return {"engine": self.name, "version": "lmconform reference", "model": self.source.describe()}
+        return {
+            "engine": self.name,
+            "version": "lmconform reference",
+            "model": self.source.describe(),
+        }

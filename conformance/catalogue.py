@@ -1,0 +1,263 @@
+"""The case catalogue: cases are data (``cases.toml``), turned into requests here.
+
+A case names a *kind* of check (see ``checks/``), the models it runs on, and a
+request written for humans: prompts as text, tokens by their text, and
+tokens taken from the reference's own greedy path. Turning that into exact
+token ids needs the reference (its tokenizer, its embeddings, its greedy
+output); anything that can do those four things serves as the ``Oracle``.
+
+Request fields in the data (besides every ``GenerateRequest`` field):
+
+- ``prompt = "text"``: encoded with the tokenizer (as mlx-lm encodes a string);
+- ``chat = "text"``: a user message through the chat template;
+- ``prompt_tokens = [ids]``: token ids as they are;
+- ``prompt_embeddings = "from_tokens"``: the model's own embedding rows of the
+  prompt (the request then carries embeddings only); ``"blend"``: vectors that
+  are no token's embedding (each position mixes two neighbouring rows);
+- a token may be written as an id, as ``"@token:TEXT"`` (the one token that
+  TEXT encodes to), or as ``"@greedy[k]"``: the token the reference picks at
+  step k for the same request without the fields that use ``@greedy``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .protocol import DraftSettings, GenerateRequest, ProcessorSettings, SamplerSettings
+
+CASES_FILE = Path(__file__).with_name("cases.toml")
+KINDS = (
+    "equivalence",
+    "stream",
+    "invariance",
+    "batch",
+    "prompt_cache",
+    "seed",
+    "distribution",
+    "score",
+)
+CASE_KEYS = {"id", "kind", "models", "about", "request", "expect", "params"}
+GREEDY_REF = re.compile(r"^@greedy\[(\d+)\]$")
+TOKEN_REF = re.compile(r"^@token:(.+)$", re.DOTALL)
+
+
+@dataclass
+class Case:
+    id: str
+    kind: str
+    models: list[str]
+    about: str
+    request: dict[str, Any]  # the request as written in the data (see module docstring)
+    params: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
+    expect: dict[str, Any] = field(default_factory=dict)  # what the reference's answer must show
+
+    @property
+    def group(self) -> str:
+        return self.id.split("/", 1)[0]
+
+
+class CatalogueError(Exception):
+    """A case is malformed, or no longer does what it says (e.g. the reference changed)."""
+
+
+class Oracle(Protocol):
+    """What turning a case into requests needs from the reference."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, text: str) -> list[int]: ...
+
+    def embed(self, tokens: list[int]) -> np.ndarray: ...
+
+    def greedy_tokens(self, request: GenerateRequest) -> list[int]: ...
+
+
+def load_cases(path: Path = CASES_FILE) -> list[Case]:
+    """All cases of the catalogue, checked for the fields every case needs."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    cases = []
+    for raw in data.get("case", []):
+        unknown = set(raw) - CASE_KEYS
+        if unknown:
+            raise CatalogueError(f"case {raw.get('id')!r}: unknown keys {sorted(unknown)}")
+        for key in ("id", "kind", "models", "about", "request"):
+            if key not in raw:
+                raise CatalogueError(f"case {raw.get('id')!r} lacks {key!r}")
+        if raw["kind"] not in KINDS:
+            raise CatalogueError(
+                f"case {raw['id']!r}: unknown kind {raw['kind']!r}; kinds: {KINDS}"
+            )
+        cases.append(
+            Case(
+                id=raw["id"],
+                kind=raw["kind"],
+                models=list(raw["models"]),
+                about=" ".join(raw["about"].split()),
+                request=raw["request"],
+                params=raw.get("params", {}),
+                expect=raw.get("expect", {}),
+            )
+        )
+    ids = [c.id for c in cases]
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:
+        raise CatalogueError(f"duplicate case ids: {sorted(duplicates)}")
+    return cases
+
+
+def select_cases(cases: list[Case], model: str, pattern: str | None = None) -> list[Case]:
+    """The cases that run on ``model``, filtered by glob patterns (comma-separated)."""
+    chosen = [c for c in cases if model in c.models]
+    if pattern:
+        globs = [p.strip() for p in pattern.split(",") if p.strip()]
+        chosen = [c for c in chosen if any(_matches(c.id, g) for g in globs)]
+    return chosen
+
+
+def _matches(case_id: str, pattern: str) -> bool:
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(case_id, pattern)
+    return pattern in case_id
+
+
+def build_request(spec: dict[str, Any], oracle: Oracle, **overrides: Any) -> GenerateRequest:
+    """The concrete ``GenerateRequest`` for a request written as in the catalogue."""
+    spec = {**copy.deepcopy(spec), **overrides}
+    if _uses_greedy_refs(spec):
+        plain = {k: v for k, v in spec.items() if not _uses_greedy_refs(v)}
+        path = oracle.greedy_tokens(build_request(plain, oracle))
+        spec = _resolve_refs(spec, lambda ref: _greedy_token(ref, path))
+    spec = _resolve_refs(spec, lambda ref: _text_token(ref, oracle))
+
+    prompt = _prompt_tokens(spec, oracle)
+    embeddings = None
+    kind = spec.pop("prompt_embeddings", None)
+    if kind is not None:
+        embeddings = _embeddings(kind, prompt, oracle)
+        prompt = []
+    sampler = SamplerSettings(**spec.pop("sampler", {}))
+    processors = spec.pop("processors", {})
+    bias = {int(k): float(v) for k, v in processors.pop("logit_bias", {}).items()}
+    draft = spec.pop("draft", None)
+    return GenerateRequest(
+        prompt=prompt,
+        prompt_embeddings=embeddings,
+        sampler=sampler,
+        processors=ProcessorSettings(logit_bias=bias, **processors),
+        draft=DraftSettings(**draft) if draft else None,
+        stop_tokens=[int(t) for t in spec.pop("stop_tokens", [])],
+        stop_sequences=[[int(t) for t in s] for s in spec.pop("stop_sequences", [])],
+        **spec,
+    )
+
+
+def random_prompts(
+    oracle: Oracle, count: int, seed: int, min_chars: int, max_chars: int
+) -> list[list[int]]:
+    """Prompts of random printable text (seeded), e.g. the other rows around a needle."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz     ,.ETAOINS0123456789"))
+    prompts = []
+    for _ in range(count):
+        length = int(rng.integers(min_chars, max_chars + 1))
+        prompts.append(oracle.encode("".join(rng.choice(alphabet, size=length))))
+    return prompts
+
+
+def _prompt_tokens(spec: dict[str, Any], oracle: Oracle) -> list[int]:
+    given = [k for k in ("prompt", "chat", "prompt_tokens") if k in spec]
+    if len(given) != 1:
+        raise CatalogueError(
+            f"a request needs exactly one of prompt, chat, prompt_tokens; got {given}"
+        )
+    if "prompt" in spec:
+        return oracle.encode(spec.pop("prompt"))
+    if "chat" in spec:
+        return oracle.encode_chat(spec.pop("chat"))
+    return [int(t) for t in spec.pop("prompt_tokens")]
+
+
+def _embeddings(kind: str, tokens: list[int], oracle: Oracle) -> list[list[float]]:
+    rows = oracle.embed(tokens)
+    if kind == "from_tokens":
+        return rows.tolist()
+    if kind == "blend":
+        # Each position mixes its own row with its neighbour's: vectors of the right
+        # scale that are no token's embedding, as projected image features would be.
+        mixed = 0.6 * rows + 0.4 * np.roll(rows, 1, axis=0)
+        return mixed.astype(np.float32).tolist()
+    raise CatalogueError(f"prompt_embeddings must be 'from_tokens' or 'blend', got {kind!r}")
+
+
+def _uses_greedy_refs(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(GREEDY_REF.match(value))
+    if isinstance(value, dict):
+        return any(_uses_greedy_refs(k) or _uses_greedy_refs(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_uses_greedy_refs(v) for v in value)
+    return False
+
+
+def _resolve_refs(value: Any, resolve) -> Any:
+    """Replace "@..." token references (in values and in dict keys) with token ids."""
+    if isinstance(value, str) and value.startswith("@"):
+        resolved = resolve(value)
+        return value if resolved is None else resolved
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            key = resolve(k) if isinstance(k, str) and k.startswith("@") else None
+            out[k if key is None else str(key)] = _resolve_refs(v, resolve)
+        return out
+    if isinstance(value, list):
+        return [_resolve_refs(v, resolve) for v in value]
+    return value
+
+
+def _greedy_token(ref: str, path: list[int]) -> int | None:
+    match = GREEDY_REF.match(ref)
+    if not match:
+        return None
+    step = int(match.group(1))
+    if step >= len(path):
+        raise CatalogueError(f"{ref}: the reference's greedy path has only {len(path)} tokens")
+    return path[step]
+
+
+def _text_token(ref: str, oracle: Oracle) -> int | None:
+    match = TOKEN_REF.match(ref)
+    if not match:
+        return None
+    ids = oracle.encode(match.group(1))
+    if len(ids) != 1:
+        raise CatalogueError(f"{ref}: the text encodes to {len(ids)} tokens {ids}, not one")
+    return ids[0]
+
+
+def check_expectations(case: Case, tokens: list[int], finish_reason: str | None, text: str) -> None:
+    """Raise ``CatalogueError`` if the reference's answer no longer shows what the case needs."""
+    expect = case.expect
+    problems = []
+    if "finish_reason" in expect and finish_reason != expect["finish_reason"]:
+        problems.append(f"finish_reason {finish_reason!r}, expected {expect['finish_reason']!r}")
+    if "length" in expect and len(tokens) != expect["length"]:
+        problems.append(f"{len(tokens)} tokens, expected {expect['length']}")
+    if "min_length" in expect and len(tokens) < expect["min_length"]:
+        problems.append(f"{len(tokens)} tokens, expected at least {expect['min_length']}")
+    if expect.get("multibyte_text") and not any(ord(ch) > 127 and ch != "\ufffd" for ch in text):
+        problems.append(f"no multi-byte character in the text {text[:60]!r}")
+    if problems:
+        raise CatalogueError(
+            f"case {case.id} no longer tests what it says: the reference's answer has "
+            + "; ".join(problems)
+        )

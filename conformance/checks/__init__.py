@@ -1,0 +1,26 @@
+"""What each kind of case runs and asserts; ``CHECKS`` maps a kind to its function.
+
+- equivalence.py   engine answer == reference answer, per request variant
+- stream.py        streaming == non-streaming
+- invariance.py    speculative, chunked-prefill, embeddings input == plain
+- batch.py         batch rows == single runs (incl. needle, staggered insertion)
+- prompt_cache.py  cached continuation == computation from scratch
+- sampling.py      seeds repeat; draws fit the implied distribution
+- scoring.py       teacher-forced logprobs == reference's
+- context.py       what every check works with (running, validating, comparing)
+"""
+
+from __future__ import annotations
+
+from . import batch, equivalence, invariance, prompt_cache, sampling, scoring, stream
+
+CHECKS = {
+    "equivalence": equivalence.run,
+    "stream": stream.run,
+    "invariance": invariance.run,
+    "batch": batch.run,
+    "prompt_cache": prompt_cache.run,
+    "seed": sampling.run_seed,
+    "distribution": sampling.run_distribution,
+    "score": scoring.run,
+}

@@ -1,0 +1,59 @@
+"""Kind ``batch``: every row of a batch equals that request generated alone.
+
+Rows come from ``params.rows`` (each a request, with an optional
+``insert_at``: generation steps of the batch before the row joins), or, with
+``params.haystack``, the case's request is a needle placed at a seeded random
+position among random prompts of random lengths, and only its row is judged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..catalogue import random_prompts
+from ..protocol import BatchRequest, BatchRow
+from .context import CaseContext
+
+
+def run(ctx: CaseContext) -> None:
+    rows, judged = _rows(ctx)
+    batch = BatchRequest(rows)
+    ctx.require(batch.capabilities_needed())
+    ctx.primary_reference(ctx.request())
+    traces = ctx.run_batch(batch)
+    name = ctx.engine_name
+    for i in judged:
+        request = rows[i].request
+        alone = ctx.run(request, f"row {i} alone")
+        ctx.compare(
+            f"row {i} in batch vs alone", alone, traces[i], f"{name} alone", f"{name} batch row {i}"
+        )
+        ctx.compare(
+            f"row {i} in batch vs reference",
+            ctx.reference(request),
+            traces[i],
+            "reference",
+            f"{name} batch row {i}",
+        )
+
+
+def _rows(ctx: CaseContext) -> tuple[list[BatchRow], list[int]]:
+    if "rows" in ctx.params:
+        rows = []
+        for spec in ctx.params["rows"]:
+            spec = dict(spec)
+            insert_at = int(spec.pop("insert_at", 0))
+            rows.append(BatchRow(ctx.request(spec), insert_at))
+        return rows, list(range(len(rows)))
+    hay = ctx.params["haystack"]
+    rng = np.random.default_rng(hay["seed"])
+    prompts = random_prompts(
+        ctx.oracle, hay["count"], hay["seed"], hay["min_chars"], hay["max_chars"]
+    )
+    rows = [
+        BatchRow(ctx.request({"prompt_tokens": p, "max_tokens": int(rng.integers(4, 21))}))
+        for p in prompts
+    ]
+    position = int(rng.integers(0, len(rows) + 1))
+    rows.insert(position, BatchRow(ctx.request()))
+    return rows, [position]

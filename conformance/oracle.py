@@ -1,0 +1,101 @@
+"""The oracle: the reference engine as the source of truth for one model.
+
+It tokenizes and embeds prompts for the catalogue, answers requests (each
+answer computed once and reused by every engine compared against it), and
+decodes tokens for diagnostics. Reference answers always carry the top
+``REFERENCE_TOP`` logprobs, enough to find the reference's logprob of
+whatever token an engine chose instead, and so to tell a near-tie from a bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .adapters import open_engine
+from .profiles import PrecisionProfile, profile_for_model
+from .protocol import GenerateRequest, ScoreRequest, Trace
+from .serialization import dumps
+
+REFERENCE_TOP = 20
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2 style) spell byte b as one printable character:
+    printable Latin-1 bytes as themselves, the rest as code points from 256 upward."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in printable]
+    chars.update({chr(256 + n): b for n, b in enumerate(others)})
+    return chars
+
+
+BYTE_OF_CHAR = _byte_level_chars()
+
+
+class ReferenceOracle:
+    def __init__(self, model: str, engine=None):
+        self.model = model
+        self.engine = engine if engine is not None else open_engine("reference", model)
+        self.tokenizer = self.engine.tokenizer
+        self.end_tokens: set[int] = set(self.tokenizer.eos_token_ids)
+        self.vocab_size: int = self.engine.vocab_size
+        self._answers: dict[str, Trace] = {}
+
+    def default_profile(self, override: str | None = None) -> PrecisionProfile:
+        return profile_for_model(self.model, override)
+
+    # -- what the catalogue needs (catalogue.Oracle) ------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_chat(self, text: str) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        return self.engine.embed(tokens)
+
+    def greedy_tokens(self, request: GenerateRequest) -> list[int]:
+        return self.answer(request).tokens
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def answer(self, request: GenerateRequest, top: int = REFERENCE_TOP) -> Trace:
+        """The reference's streamed answer to ``request``, with ``top`` logprobs per step."""
+        request = replace(request, top_logprobs=top, stream=True)
+        key = dumps(request)
+        if key not in self._answers:
+            self._answers[key] = Trace(list(self.engine.generate(request)))
+        return self._answers[key]
+
+    def answer_score(self, request: ScoreRequest) -> Trace:
+        request = replace(request, top_logprobs=REFERENCE_TOP)
+        key = "score:" + dumps(request)
+        if key not in self._answers:
+            self._answers[key] = Trace(self.engine.score(request))
+        return self._answers[key]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    def token_text(self, token: int) -> str:
+        """A token as a human should see it: its text, or its bytes when it is only part
+        of a UTF-8 character (which decodes to a bare replacement character)."""
+        text = self.decode([token])
+        if "\ufffd" not in text:
+            return text
+        piece = self.tokenizer.convert_ids_to_tokens(int(token))
+        raw = (
+            bytes(BYTE_OF_CHAR[ch] for ch in piece)
+            if all(ch in BYTE_OF_CHAR for ch in piece)
+            else None
+        )
+        return f"<{raw.hex(' ')}>" if raw is not None else piece
+
+    def close(self) -> None:
+        self.engine.close()

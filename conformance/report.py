@@ -1,0 +1,257 @@
+"""Reports of a conformance run: terminal matrix, JSON, Markdown, JUnit XML.
+
+All four are views of the same list of ``CaseResult``s. The matrix has one
+row per case and one column per engine and model; a cell is pass, near-tie,
+FAIL, unsupported, skipped (engine not installed) or blank (the case does
+not run on that model). Markdown adds, for every fail and near-tie, the full
+diagnostic; JSON holds everything, diagnostics as structured data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from .comparator import FAIL, NEAR_TIE, PASS
+from .runner import SKIPPED, UNSUPPORTED, CaseResult
+
+CELL = {
+    PASS: "pass",
+    NEAR_TIE: "near-tie",
+    FAIL: "FAIL",
+    UNSUPPORTED: "unsupported",
+    SKIPPED: "skipped",
+}
+
+
+def columns(results: list[CaseResult]) -> list[tuple[str, str]]:
+    """(engine, model) pairs in the order they were run."""
+    seen: dict[tuple[str, str], None] = {}
+    for r in results:
+        seen.setdefault((r.engine, r.model), None)
+    return list(seen)
+
+
+def case_rows(results: list[CaseResult]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in results:
+        seen.setdefault(r.case_id, None)
+    return list(seen)
+
+
+def counts(results: list[CaseResult]) -> dict[str, int]:
+    totals = {v: 0 for v in CELL}
+    for r in results:
+        totals[r.verdict] += 1
+    return totals
+
+
+def any_failed(results: list[CaseResult]) -> bool:
+    return any(r.verdict == FAIL for r in results)
+
+
+def _grid(results: list[CaseResult]) -> tuple[list[str], list[list[str]]]:
+    cols = columns(results)
+    index = {(r.case_id, r.engine, r.model): r for r in results}
+    header = ["case", *[f"{engine} @ {model}" for engine, model in cols]]
+    rows = []
+    for case_id in case_rows(results):
+        cells = []
+        for engine, model in cols:
+            r = index.get((case_id, engine, model))
+            cells.append("" if r is None else CELL[r.verdict] + ("*" if r.ill_conditioned else ""))
+        rows.append([case_id, *cells])
+    return header, rows
+
+
+def format_matrix(results: list[CaseResult]) -> str:
+    """The matrix as aligned plain text, with totals per column and footnotes."""
+    header, rows = _grid(results)
+    cols = columns(results)
+    totals = ["totals"] + [
+        _totals_text([r for r in results if (r.engine, r.model) == c]) for c in cols
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows, totals]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(row) for row in rows]
+    out += [line(["-" * w for w in widths]), line(totals)]
+    out += _footnotes(results)
+    return "\n".join(out)
+
+
+def _totals_text(results: list[CaseResult]) -> str:
+    c = counts(results)
+    parts = [f"{c[PASS]} pass"]
+    if c[NEAR_TIE]:
+        parts.append(f"{c[NEAR_TIE]} tie")
+    if c[FAIL]:
+        parts.append(f"{c[FAIL]} FAIL")
+    if c[UNSUPPORTED]:
+        parts.append(f"{c[UNSUPPORTED]} unsup")
+    if c[SKIPPED]:
+        parts.append(f"{c[SKIPPED]} skip")
+    return ", ".join(parts)
+
+
+def _footnotes(results: list[CaseResult]) -> list[str]:
+    notes = []
+    ill = {}
+    for r in results:
+        if r.ill_conditioned and r.case_id not in ill:
+            ill[r.case_id] = r.conditioning.describe()
+    if ill:
+        notes.append("")
+        notes.append("* ill-conditioned case (reference margin under the profile's epsilon):")
+        notes += [f"  {case_id}: {text}" for case_id, text in ill.items()]
+    return notes
+
+
+def format_problems(results: list[CaseResult]) -> str:
+    """Every fail and near-tie with its diagnostic, as plain text."""
+    blocks = []
+    for r in results:
+        if r.verdict not in (FAIL, NEAR_TIE):
+            continue
+        lines = [f"{CELL[r.verdict]}: {r.case_id} on {r.engine} @ {r.model} (profile {r.profile})"]
+        if r.reason:
+            lines += ["  " + line for line in r.reason.splitlines()]
+        for f in r.findings:
+            if f.verdict in (FAIL, NEAR_TIE):
+                lines.append(f"  [{f.check}]")
+                lines += ["    " + line for line in f.details.splitlines()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+
+def to_json(results: list[CaseResult], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "meta": meta,
+        "totals": counts(results),
+        "results": [_plain(dataclasses.asdict(r)) for r in results],
+    }
+
+
+def write_json(path: str | Path, results: list[CaseResult], meta: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(to_json(results, meta), indent=2, ensure_ascii=False) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: infinities become strings (JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- Markdown -----------------------------------------------------------------------------
+
+
+def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
+    header, rows = _grid(results)
+    out = ["# lmconform conformance report", ""]
+    for key, value in meta.items():
+        out.append(f"- **{key}**: {_md_value(value)}")
+    out += ["", "## Matrix", ""]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        out.append(
+            "| "
+            + " | ".join(f"`{row[0]}`" if i == 0 else _md_cell(c) for i, c in enumerate(row))
+            + " |"
+        )
+    out += [line for line in _footnotes(results)]
+    problems = [r for r in results if r.verdict in (FAIL, NEAR_TIE)]
+    if problems:
+        out += ["", "## Failures and near-ties", ""]
+        for r in problems:
+            out.append(f"### {CELL[r.verdict]}: `{r.case_id}` on {r.engine} @ {r.model}")
+            out += ["", r.about, "", "```"]
+            if r.reason:
+                out.append(r.reason)
+            for f in r.findings:
+                if f.verdict in (FAIL, NEAR_TIE):
+                    out.append(f"[{f.check}]")
+                    out.append(f.details)
+            out += ["```", ""]
+    unsupported = [r for r in results if r.verdict in (UNSUPPORTED, SKIPPED)]
+    if unsupported:
+        out += ["", "## Unsupported and skipped", ""]
+        for r in unsupported:
+            out.append(f"- `{r.case_id}` on {r.engine} @ {r.model}: {r.reason}")
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: str | Path, results: list[CaseResult], meta: dict[str, Any]) -> None:
+    Path(path).write_text(to_markdown(results, meta))
+
+
+def _md_cell(cell: str) -> str:
+    return f"**{cell}**" if cell.startswith("FAIL") else cell
+
+
+def _md_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
+# -- JUnit XML ------------------------------------------------------------------------------
+
+
+def to_junit(results: list[CaseResult]) -> ET.ElementTree:
+    """One test suite per engine and model; unsupported and skipped cases are <skipped>."""
+    root = ET.Element("testsuites", name="lmconform")
+    for engine, model in columns(results):
+        group = [r for r in results if (r.engine, r.model) == (engine, model)]
+        c = counts(group)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=f"{engine}@{model}",
+            tests=str(len(group)),
+            failures=str(c[FAIL]),
+            skipped=str(c[UNSUPPORTED] + c[SKIPPED]),
+            errors="0",
+            time=f"{sum(r.duration_s for r in group):.3f}",
+        )
+        for r in group:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"lmconform.{engine}.{model}",
+                name=r.case_id,
+                time=f"{r.duration_s:.3f}",
+            )
+            if r.verdict == FAIL:
+                failing = r.failures()
+                message = failing[0].summary if failing else r.reason.splitlines()[0]
+                details = "\n".join(
+                    [r.reason, *[f"[{f.check}]\n{f.details}" for f in failing]]
+                ).strip()
+                ET.SubElement(case, "failure", message=message).text = details
+            elif r.verdict in (UNSUPPORTED, SKIPPED):
+                ET.SubElement(case, "skipped", message=r.reason)
+            elif r.verdict == NEAR_TIE:
+                notes = "\n".join(f"[{f.check}]\n{f.details}" for f in r.near_ties())
+                ET.SubElement(case, "system-out").text = f"near-tie (passes):\n{notes}"
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def write_junit(path: str | Path, results: list[CaseResult]) -> None:
+    to_junit(results).write(str(path), encoding="utf-8", xml_declaration=True)

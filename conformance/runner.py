@@ -1,0 +1,179 @@
+"""Running cases on engines: every case gets a verdict, and nothing stops the run.
+
+``run_case`` turns whatever happens into a ``CaseResult``:
+
+- the engine lacks a capability, or raises ``Unsupported``: "unsupported";
+- any finding failed, the engine raised, broke the protocol (wrong-length
+  logprobs, a token outside the vocabulary, no finish reason, ...) or ran
+  past the time limit: "fail", with the error and where it happened;
+- otherwise "near-tie" if some comparison ended at a near-tie, else "pass".
+
+``run_matrix`` runs the selected cases for each (model, engine) pair, sharing
+one reference oracle per model, and reports progress through a callback.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .adapters import EngineUnavailable, open_engine
+from .catalogue import Case, CatalogueError, load_cases, select_cases
+from .checks import CHECKS
+from .checks.context import CaseContext, Finding
+from .comparator import FAIL, NEAR_TIE, PASS
+from .conditioning import Conditioning
+from .deadline import CaseTimeout, deadline
+from .oracle import ReferenceOracle
+from .profiles import PrecisionProfile
+from .protocol import ProtocolError, Unsupported
+
+UNSUPPORTED = "unsupported"
+SKIPPED = "skipped"  # the engine itself could not be used (not installed)
+VERDICTS = (PASS, NEAR_TIE, FAIL, UNSUPPORTED, SKIPPED)
+DEFAULT_CASE_TIMEOUT = 600.0
+TRACEBACK_LINES = 6
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    engine: str
+    model: str
+    profile: str
+    verdict: str
+    about: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    conditioning: Conditioning | None = None
+    reason: str = ""  # why unsupported, skipped, or failed without a finding
+    duration_s: float = 0.0
+
+    @property
+    def ill_conditioned(self) -> bool:
+        return bool(self.conditioning and self.conditioning.ill_conditioned)
+
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.verdict == FAIL]
+
+    def near_ties(self) -> list[Finding]:
+        return [f for f in self.findings if f.verdict == NEAR_TIE]
+
+
+ProgressCallback = Callable[[str, str, int, int, Case, "CaseResult | None"], None]
+
+
+def run_case(
+    case: Case,
+    engine,
+    oracle: ReferenceOracle,
+    profile: PrecisionProfile,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+) -> CaseResult:
+    """Run one case on one engine; always returns a result."""
+    ctx = CaseContext(case, engine, oracle, profile)
+    result = CaseResult(case.id, engine.name, oracle.model, profile.name, PASS, about=case.about)
+    start = time.perf_counter()
+    try:
+        with deadline(timeout):
+            CHECKS[case.kind](ctx)
+    except Unsupported as error:
+        result.verdict, result.reason = UNSUPPORTED, str(error)
+    except CatalogueError as error:
+        result.verdict, result.reason = FAIL, f"catalogue: {error}"
+    except CaseTimeout as error:
+        result.verdict, result.reason = FAIL, f"timeout: {error}"
+    except ProtocolError as error:
+        result.verdict, result.reason = FAIL, f"protocol violation: {error}"
+    except Exception as error:  # noqa: BLE001 - an engine that raises fails its case, nothing more
+        result.verdict, result.reason = FAIL, _describe_exception(engine.name, error)
+    result.duration_s = time.perf_counter() - start
+    result.findings = ctx.findings
+    result.conditioning = ctx.conditioning
+    if result.verdict == PASS:
+        verdicts = {f.verdict for f in ctx.findings}
+        result.verdict = FAIL if FAIL in verdicts else NEAR_TIE if NEAR_TIE in verdicts else PASS
+    return result
+
+
+def run_cases(
+    cases: Iterable[Case],
+    engine,
+    oracle: ReferenceOracle,
+    profile: PrecisionProfile,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+    progress: ProgressCallback | None = None,
+) -> list[CaseResult]:
+    cases = list(cases)
+    results = []
+    for index, case in enumerate(cases):
+        if progress:
+            progress(engine.name, oracle.model, index, len(cases), case, None)
+        result = run_case(case, engine, oracle, profile, timeout)
+        results.append(result)
+        if progress:
+            progress(engine.name, oracle.model, index, len(cases), case, result)
+    return results
+
+
+def run_matrix(
+    engines: list[str],
+    models: list[str],
+    pattern: str | None = None,
+    profile_name: str | None = None,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+    progress: ProgressCallback | None = None,
+    on_skip: Callable[[str, str, str], None] | None = None,
+    on_done: Callable[[str, str, dict, float], None] | None = None,
+) -> list[CaseResult]:
+    """Every selected case for every (model, engine); unusable engines give "skipped" rows.
+
+    ``on_skip(engine, model, why)`` hears of engines that could not be opened;
+    ``on_done(engine, model, description, seconds)`` of each finished column.
+    """
+    catalogue = load_cases()
+    results: list[CaseResult] = []
+    for model in models:
+        cases = select_cases(catalogue, model, pattern)
+        if not cases:
+            continue
+        oracle = ReferenceOracle(model)
+        profile = oracle.default_profile(profile_name)
+        try:
+            for spec in engines:
+                try:
+                    engine = oracle.engine if spec == "reference" else open_engine(spec, model)
+                except EngineUnavailable as error:
+                    if on_skip:
+                        on_skip(spec, model, str(error))
+                    results += _for_all(cases, spec, model, profile, SKIPPED, str(error))
+                    continue
+                except Exception as error:  # noqa: BLE001 - an engine that cannot load fails its cases
+                    reason = f"could not open the engine: {_describe_exception(spec, error)}"
+                    results += _for_all(cases, spec, model, profile, FAIL, reason)
+                    continue
+                start = time.perf_counter()
+                try:
+                    results += run_cases(cases, engine, oracle, profile, timeout, progress)
+                finally:
+                    if engine is not oracle.engine:
+                        engine.close()
+                if on_done:
+                    on_done(spec, model, engine.describe(), time.perf_counter() - start)
+        finally:
+            oracle.close()
+    return results
+
+
+def _for_all(cases, engine, model, profile, verdict, reason) -> list[CaseResult]:
+    return [
+        CaseResult(c.id, engine, model, profile.name, verdict, c.about, reason=reason)
+        for c in cases
+    ]
+
+
+def _describe_exception(engine: str, error: Exception) -> str:
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    tail = "".join(lines[-TRACEBACK_LINES:]).rstrip()
+    return f"{engine} raised {type(error).__name__}: {error}\n{tail}"

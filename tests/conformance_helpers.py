@@ -1,0 +1,66 @@
+"""Shared helpers for the conformance tests: synthetic traces and a shared dummy oracle.
+
+Not a test module (no ``test_`` prefix). The oracle and engines are cached at
+module level, so every conformance test file reuses the same loaded models.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from conformance.protocol import TokenEvent, Trace
+
+
+def make_trace(tokens, logprobs=None, tops=None, finish="length", texts=None) -> Trace:
+    """A trace from plain lists; ``tops[i]`` is the top list of step i as (id, logprob) pairs."""
+    events = []
+    for i, token in enumerate(tokens):
+        events.append(
+            TokenEvent(
+                token=token,
+                logprob=None if logprobs is None else logprobs[i],
+                top_logprobs=None if tops is None else tops[i],
+                text="" if texts is None else texts[i],
+                finish_reason=finish if i == len(tokens) - 1 else None,
+            )
+        )
+    return Trace(events)
+
+
+def decode_bytes(tokens) -> str:
+    """A decode function for synthetic traces: token id = byte value."""
+    return bytes(t % 256 for t in tokens).decode("utf-8", "replace")
+
+
+@cache
+def dummy_oracle():
+    from conformance.oracle import ReferenceOracle
+
+    return ReferenceOracle("dummy")
+
+
+@cache
+def dummy_engine(spec: str):
+    """A peer or reference engine on the dummy model (the reference is the oracle's own)."""
+    from conformance.adapters import open_engine
+
+    return dummy_oracle().engine if spec == "reference" else open_engine(spec, "dummy")
+
+
+def dummy_case(case_id: str):
+    from conformance.catalogue import load_cases
+
+    return next(c for c in load_cases() if c.id == case_id)
+
+
+def _control():
+    from mutants import Control
+
+    return Control
+
+
+class GreedyOnlyEngine(_control()):
+    """The reference adapter declaring only greedy decoding (for "unsupported" verdicts)."""
+
+    name = "greedy-only"
+    capabilities = frozenset({"greedy", "logprobs", "stream"})

@@ -1,0 +1,165 @@
+"""``lmconform bench`` end to end on the synthetic engine: run, show, compare, plot, ingest."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from benchmarks import fingerprint
+from benchmarks.history import History
+from benchmarks.revision import Revision
+from conformance import cli, cli_bench
+
+FAST = "synthetic:step_ms=0.5:prefill_us=2"
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "history.sqlite"
+
+
+def bench(*args) -> int:
+    return cli_bench.main([str(a) for a in args])
+
+
+def run_synthetic(db, *extra) -> int:
+    return bench("--engines", FAST, "--model", "synthetic", "--workloads", "decode-16",
+                 "--trials", 5, "--warmup", 1, "--no-bandwidth", "--db", db, *extra)
+
+
+def test_run_prints_the_table_and_stores_every_trial(db, capsys, tmp_path):
+    summary = tmp_path / "summary.md"
+    assert run_synthetic(db, "--markdown", summary) == 0
+    out = capsys.readouterr().out
+    assert "decode-16" in out and "decode_tps" in out and "synthetic" in out
+    with History(db) as store:
+        samples = store.samples()
+    assert len([s for s in samples if s.metric == "decode_tps"]) == 5
+    assert summary.read_text().startswith("| engine |")
+
+
+def test_the_lmconform_command_has_bench_registered(db):
+    assert cli.main(["bench", "run", "--engines", FAST, "--model", "synthetic",
+                     "--workloads", "prefill-16", "--trials", "1", "--warmup", "0",
+                     "--no-bandwidth", "--db", str(db)]) == 0
+
+
+def test_run_options_work_before_and_after_the_run_word(db):
+    assert bench("--trials", 2, "run", "--engines", FAST, "--workloads", "prefill-16",
+                 "--warmup", 0, "--no-bandwidth", "--db", db) == 0
+    with History(db) as store:
+        assert store.runs()[0].settings["trials"] == 2
+
+
+def test_show_rebuilds_the_table_of_a_stored_run(db, capsys):
+    run_synthetic(db)
+    capsys.readouterr()
+    assert bench("show", "--db", db) == 0
+    out = capsys.readouterr().out
+    assert "run 1" in out and "finished" in out and "decode_tps" in out
+
+
+def test_compare_exits_nonzero_on_a_regression_and_zero_otherwise(db, capsys):
+    run_synthetic(db)  # run 1
+    # The same engine, every decode step twice as long, recorded under the same name.
+    assert bench("--engines", FAST + ":slowdown=1.0", "--model", "synthetic", "--workloads",
+                 "decode-16", "--trials", 5, "--no-bandwidth", "--db", db) == 0  # run 2
+    capsys.readouterr()
+    assert bench("compare", "--db", db) == 1  # previous vs latest
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out and "decode_tps" in out and "1 regressed" in out
+    assert bench("compare", 2, 1, "--db", db) == 0  # the other way round: improved
+    assert "improved" in capsys.readouterr().out
+    assert bench("compare", 1, 1, "--db", db) == 0
+
+
+def test_compare_refuses_other_hardware_unless_told(db, capsys):
+    machine = fingerprint.collect()
+    with History(db) as store:
+        for fp in (machine, replace(machine, cores=machine.cores + 64)):
+            run_id = store.start_run(Revision(None, True), fp, {})
+            store.add_trial(run_id, 1, "e", "m", "w", {"decode_tps": 1.0}, {})
+    assert bench("compare", 1, 2, "--db", db) == 2
+    assert "different machines" in capsys.readouterr().err
+    assert bench("compare", 1, 2, "--allow-different-machines", "--db", db) == 0
+
+
+def test_compare_names_what_is_missing(db, capsys):
+    assert bench("compare", "--db", db) == 2
+    assert "no runs yet" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_and_a_markdown_summary(db, tmp_path, capsys):
+    run_synthetic(db)
+    run_synthetic(db)
+    out = tmp_path / "plots" / "decode.png"
+    assert bench("plot", "--metric", "decode_tps", "--out", out, "--db", db) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+    summary = out.with_suffix(".md").read_text()
+    assert "## decode_tps" in summary and "![decode_tps history](decode.png)" in summary
+    assert "### decode-16" in summary and "| run | synthetic |" in summary
+    assert "Latest run vs the one before" in summary
+    assert bench("plot", "--metric", "no_such_metric", "--out", out, "--db", db) == 2
+
+
+def pytest_benchmark_document(data=True) -> dict:
+    stats = {"min": 0.01, "max": 0.03, "mean": 0.02, "median": 0.02, "rounds": 3}
+    if data:
+        stats["data"] = [0.01, 0.02, 0.03]
+    return {
+        "machine_info": {"node": "x", "cpu": {"brand_raw": "Some CPU", "count": 2},
+                         "system": "Linux", "release": "6", "python_version": "3.11.7"},
+        "commit_info": {"id": "abc" * 13 + "a", "dirty": False},
+        "benchmarks": [{
+            "name": "test_decode[reference-dummy]", "fullname": "benchmarks/test_decode.py::x",
+            "params": {"engine": "reference", "model": "dummy"},
+            "extra_info": {"decode_tps": 50.0, "decode_tps_samples": [49.0, 50.0, 51.0],
+                           "workload": {"kind": "decode"}},
+            "stats": stats,
+        }],
+        "datetime": "2025-01-01T00:00:00+00:00",
+        "version": "5.3.1",
+    }
+
+
+def test_ingest_stores_raw_rounds_and_extra_info(db, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(pytest_benchmark_document()))
+    assert bench("ingest", path, "--db", db) == 0
+    with History(db) as store:
+        (run,) = store.runs()
+        samples = store.samples()
+    assert run.source == "pytest-benchmark" and run.revision.commit.startswith("abc")
+    assert run.fingerprint.cpu_model == "Some CPU"
+    times = [s.value for s in samples if s.metric == "time_s"]
+    assert times == [0.01, 0.02, 0.03]
+    tps = sorted((s.trial, s.value) for s in samples if s.metric == "decode_tps")
+    assert tps == [(1, 49.0), (2, 50.0), (3, 51.0)]  # the median itself is not a sample
+    assert {(s.engine, s.model, s.workload) for s in samples} == {
+        ("reference", "dummy", "test_decode")}
+
+
+def test_ingest_without_raw_data_keeps_the_median_and_says_so(db, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(pytest_benchmark_document(data=False)))
+    assert bench("ingest", path, "--db", db) == 0
+    with History(db) as store:
+        (time_sample,) = [s for s in store.samples() if s.metric == "time_s"]
+    assert time_sample.value == 0.02 and time_sample.settings["summary_only"]
+
+
+def test_ingest_rejects_files_that_are_not_pytest_benchmark_json(db, tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"hello": 1}))
+    assert bench("ingest", path, "--db", db) == 2
+    assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
+
+
+def test_bad_engine_and_workload_names_are_usage_errors(db, capsys):
+    assert bench("--engines", "nonesuch", "--db", db) == 2
+    assert "unknown engine 'nonesuch'" in capsys.readouterr().err
+    assert bench("--engines", FAST, "--workloads", "decode-9999", "--db", db) == 2
+    assert "unknown workload 'decode-9999'" in capsys.readouterr().err
+    assert bench("--engines", "synthetic:bogus=1", "--db", db) == 2
+    assert "bad synthetic engine option" in capsys.readouterr().err
