@@ -9,6 +9,8 @@ Where to find things:
 - logits_processors.py logit bias and repetition/presence/frequency penalties
 - generate.py          generate_step, stream_generate, generate
 - speculative.py       speculative decoding with a draft model
+- batch.py             the batch scheduler: BatchGenerator, batch_generate
+- batch_cache.py       the batched KV cache (left padding, per-row positions)
 - tokenizer.py         tokenizer wrapper and the streaming detokenizer
 - loading.py           load(): built-in models, HF folders, GGUF files, Hub ids
 - dummy.py, gguf.py    the built-in tiny models; the GGUF reader

@@ -195,16 +195,18 @@ CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}
 def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     """One cache per layer: the model's own kind, or a sliding window of ``max_kv_size``.
 
-    As in mlx-lm, a window from ``max_kv_size`` keeps the first 4 positions.
-    Unlike mlx-lm, ``max_kv_size`` is honoured even when the model has its own
-    ``make_cache`` (mlx-lm silently ignores it there).
+    As in mlx-lm, a window from ``max_kv_size`` keeps the first 4 positions as
+    attention sinks; windows under 8 keep half of their size instead, so that a
+    window always has room for recent positions (mlx-lm's ``max_kv_size=4``
+    would keep nothing but the sinks). Unlike mlx-lm, ``max_kv_size`` is
+    honoured even when the model has its own ``make_cache`` (mlx-lm silently
+    ignores it there).
     """
     if max_kv_size is not None:
-        if max_kv_size <= 4:
-            raise ValueError(
-                f"max_kv_size must be > 4 (4 sink positions are kept), got {max_kv_size}"
-            )
-        return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
+        if not isinstance(max_kv_size, int) or max_kv_size < 2:
+            raise ValueError(f"max_kv_size must be an integer >= 2, got {max_kv_size!r}")
+        keep = min(4, max_kv_size // 2)
+        return [RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in model.layers]
     if hasattr(model, "make_cache"):
         return model.make_cache()
     return [KVCache() for _ in model.layers]

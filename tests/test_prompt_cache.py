@@ -110,7 +110,10 @@ def test_rotating_mask_follows_positions_for_chunks():
     assert mask[2].tolist() == [True, True, True, False, False, False]
 
 
-def test_max_kv_size_must_leave_room_beyond_sinks(loaded_models):
+def test_max_kv_size_windows_keep_room_beyond_sinks(loaded_models):
     model, _ = loaded_models("dummy")
     with pytest.raises(ValueError, match="max_kv_size"):
-        make_prompt_cache(model, max_kv_size=4)
+        make_prompt_cache(model, max_kv_size=1)
+    small, large = make_prompt_cache(model, max_kv_size=4), make_prompt_cache(model, max_kv_size=64)
+    assert (small[0].max_size, small[0].keep) == (4, 2)
+    assert (large[0].max_size, large[0].keep) == (64, 4)
