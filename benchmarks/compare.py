@@ -5,6 +5,12 @@ and metric); anything else is listed as "only in base" or "only in head". Runs f
 different hardware are refused, because a faster machine is not a faster engine;
 software version differences (MLX, engines) are reported but allowed, since "was
 the upgrade slower?" is a question this command should answer.
+
+On a shared machine a whole run can be slower because a neighbour got busy; every
+engine then "regresses" together. ``relative_to`` compares each engine's per-trial
+ratio to a baseline engine instead, which the interleaved trials make immune to
+such drift (it cannot see a change that slows the baseline engine itself, so use
+both views).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .fingerprint import HARDWARE_FIELDS
-from .history import History, Run
+from .history import History, Run, Sample
 from .report import Table
 from .stats import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT, REGRESSED, Verdict, compare_samples
 from .workloads import metric
@@ -49,6 +55,27 @@ class Comparison:
         return table
 
 
+def relative_samples(
+    samples: list[Sample], baseline: str
+) -> dict[tuple[str, str, str, str], list[float]]:
+    """Per-trial ratios to ``baseline``: ``value(engine, trial) / value(baseline, trial)``.
+
+    Engines run interleaved, so trial k of every engine saw the same state of the
+    machine; dividing by the baseline engine's trial k cancels what the machine did
+    (a busier neighbour slows every engine alike) and keeps what the code did.
+    The key's engine reads ``engine/baseline``.
+    """
+    by_trial = {(s.workload, s.model, s.metric, s.trial): s.value
+                for s in samples if s.engine == baseline}
+    ratios: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    for s in samples:
+        reference = by_trial.get((s.workload, s.model, s.metric, s.trial))
+        if s.engine != baseline and reference:
+            ratios[(s.workload, f"{s.engine}/{baseline}", s.model, s.metric)].append(
+                s.value / reference)
+    return ratios
+
+
 def compare_runs(
     history: History,
     base: Run,
@@ -56,7 +83,10 @@ def compare_runs(
     alpha: float = DEFAULT_ALPHA,
     min_effect: float = DEFAULT_MIN_EFFECT,
     allow_different_machines: bool = False,
+    relative_to: str | None = None,
 ) -> Comparison:
+    """Verdicts for every measurement in both runs (with ``relative_to``: of the
+    per-trial ratios of each engine to that engine, see ``relative_samples``)."""
     differences = base.fingerprint.differences(head.fingerprint)
     hardware = {k: v for k, v in differences.items() if k in HARDWARE_FIELDS}
     if hardware and not allow_different_machines:
@@ -65,11 +95,19 @@ def compare_runs(
             f"{base.label} and {head.label} ran on different machines ({detail}); "
             "timings are not comparable (pass --allow-different-machines to compare anyway)"
         )
-    grouped: dict[int, dict[tuple, list[float]]] = {base.id: defaultdict(list),
-                                                    head.id: defaultdict(list)}
-    for sample in history.samples([base.id, head.id]):
-        grouped[sample.run_id][sample.key].append(sample.value)
-    base_values, head_values = grouped[base.id], grouped[head.id]
+    values = []
+    for run in (base, head):
+        samples = history.samples([run.id])
+        if relative_to is None:
+            grouped: dict[tuple, list[float]] = defaultdict(list)
+            for sample in samples:
+                grouped[sample.key].append(sample.value)
+        else:
+            if not any(s.engine == relative_to for s in samples):
+                raise ValueError(f"{run.label} has no samples of engine {relative_to!r}")
+            grouped = relative_samples(samples, relative_to)
+        values.append(grouped)
+    base_values, head_values = values
     comparison = Comparison(
         base, head, software_changes={k: v for k, v in differences.items() if k not in hardware}
     )
@@ -77,6 +115,7 @@ def compare_runs(
         if key not in head_values:
             comparison.only_base.append(key)
             continue
+        # A ratio of a higher-is-better metric is itself higher-is-better.
         comparison.verdicts[key] = compare_samples(
             base_values[key], head_values[key], metric(key[3]).higher_is_better,
             alpha=alpha, min_effect=min_effect,

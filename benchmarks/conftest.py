@@ -15,13 +15,8 @@ from statistics import median
 import pytest
 
 from benchmarks import fingerprint
-from benchmarks.engines import BenchEngine, make_engine
+from benchmarks.engines import INSTALL_HINTS, BenchEngine, make_engine, parse_spec
 from benchmarks.workloads import Workload
-
-INSTALL_HINTS = {
-    "mlx-lm": "pip install 'lmconform[peers]'  (mlx-lm)",
-    "transformers": "pip install 'lmconform[peers]'  (torch, transformers)",
-}
 
 _loaded: dict[tuple[str, str], BenchEngine] = {}
 
@@ -51,7 +46,7 @@ def engine(request, model) -> BenchEngine:
         try:
             candidate.load()
         except ImportError as error:
-            hint = INSTALL_HINTS.get(request.param, "")
+            hint = INSTALL_HINTS.get(parse_spec(request.param)[0], "")
             pytest.skip(f"{request.param} is not available ({error}); {hint}")
         _loaded[key] = candidate
     return _loaded[key]

@@ -34,6 +34,12 @@ from .model_folders import exported_folder, gguf_file
 OnToken = Callable[..., None]  # on_token(from_draft: bool = False)
 OnStep = Callable[[int], None]  # on_step(tokens produced by this batched step)
 
+# What to install when a peer engine's import fails.
+INSTALL_HINTS = {
+    "mlx-lm": "pip install 'lmconform[peers]'  (mlx-lm)",
+    "transformers": "pip install 'lmconform[peers]'  (torch, transformers)",
+}
+
 # Built-in draft models; any other model drafts with its own first layers.
 DRAFTS = {"dummy": "dummy-draft"}
 

@@ -81,7 +81,12 @@ def ingest_file(history: History, path: str | Path) -> int:
     run_id = history.start_run(
         Revision(commit=commit.get("id"), dirty=bool(commit.get("dirty", True))),
         _fingerprint(document["machine_info"]),
-        settings={"file": str(path), "pytest_benchmark_version": document.get("version")},
+        settings={
+            "file": str(path),
+            "pytest_benchmark_version": document.get("version"),
+            "model": ",".join(sorted({str((b.get("params") or {}).get("model", "-"))
+                                      for b in document["benchmarks"]})),
+        },
         source=SOURCE,
         started_at=document.get("datetime"),
     )

@@ -2,7 +2,7 @@
 
 The PNG is meant to be dropped into a pull request, so it stands on its own: one
 panel per workload that has the metric, the x axis lists runs in order (commit,
-``+`` when the tree was dirty), each point is the run's median with its
+``+`` when the tree was dirty, "interrupted" for a killed run), each point is the run's median with its
 interquartile range as an error bar. The Markdown summary has the same numbers
 as a table, plus each engine's change from the previous run to the latest.
 """
@@ -23,6 +23,7 @@ from .workloads import metric as metric_info
 class Point:
     run_id: int
     label: str
+    model: str
     median: float
     q1: float
     q3: float
@@ -32,20 +33,30 @@ class Point:
 def history_series(
     history: History, metric: str, workload: str | None = None, model: str | None = None
 ) -> dict[str, dict[str, list[Point]]]:
-    """``{workload: {engine: [Point per run, in run order]}}`` for ``metric``."""
+    """``{workload: {engine: [Point per run, in run order]}}`` for ``metric``.
+
+    When the history holds several models (and ``model`` does not pick one), the
+    engine keys read ``engine [model]``.
+    """
     runs = {run.id: run for run in history.runs()}
-    grouped: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    grouped: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for s in history.samples():
         if s.metric != metric or (workload and s.workload != workload):
             continue
         if model and s.model != model:
             continue
-        grouped[(s.workload, s.engine, s.run_id)].append(s.value)
+        grouped[(s.workload, s.engine, s.model, s.run_id)].append(s.value)
+    # With several models in the history, each (engine, model) pair is its own line.
+    several_models = len({key[2] for key in grouped}) > 1
     series: dict[str, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
-    for (workload_, engine, run_id), values in sorted(grouped.items(), key=lambda kv: kv[0][2]):
+    for (workload_, engine, model_, run_id), values in sorted(grouped.items(),
+                                                              key=lambda kv: kv[0][3]):
+        line = f"{engine} [{model_}]" if several_models else engine
         q1, _, q3 = quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-        label = f"{runs[run_id].revision.label}\n#{run_id}"
-        series[workload_][engine].append(Point(run_id, label, median(values), q1, q3, len(values)))
+        run = runs[run_id]
+        label = f"{run.revision.label}\n#{run_id}" + ("\ninterrupted" if run.interrupted else "")
+        series[workload_][line].append(
+            Point(run_id, label, model_, median(values), q1, q3, len(values)))
     return {w: dict(e) for w, e in series.items()}
 
 
@@ -71,7 +82,8 @@ def plot_history(series: dict[str, dict[str, list[Point]]], metric: str, out: st
             ys = [p.median for p in points]
             errors = [[p.median - p.q1 for p in points], [p.q3 - p.median for p in points]]
             ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=engine)
-        ax.set_title(f"{workload}: {metric}")
+        models = sorted({p.model for points in engines.values() for p in points})
+        ax.set_title(f"{workload}: {metric} ({', '.join(models)})")
         ax.set_ylabel(f"{info.unit} ({'higher' if info.higher_is_better else 'lower'} is better)")
         ax.set_xticks(range(len(order)), [run_labels[r] for r in order], fontsize=8)
         ax.grid(True, alpha=0.3)

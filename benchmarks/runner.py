@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from . import fingerprint, revision, roofline
-from .engines import BenchEngine
+from .engines import INSTALL_HINTS, BenchEngine
 from .history import History
 from .workloads import Workload, metric
 
@@ -74,26 +74,24 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
     """Execute ``plan``, storing every trial in ``history``; returns the run id and notes."""
     say = progress or Progress()
     started = time.monotonic()
-    for engine in plan.engines:
-        say(f"loading {engine.name} ({plan.model}) ...")
-        engine.load()
+    engines, load_errors = _load(plan, say)
     versions: dict[str, str] = {}
-    for engine in plan.engines:
+    for engine in engines:
         versions.update(engine.versions())
     run_id = history.start_run(
         revision.current(),
         fingerprint.collect(versions),
         settings={
             "argv": sys.argv,
-            "engines": [e.name for e in plan.engines],
+            "engines": [e.name for e in engines],
             "model": plan.model,
             "workloads": [w.name for w in plan.workloads],
             "trials": plan.trials,
             "warmup": plan.warmup,
         },
     )
-    outcome = RunOutcome(run_id)
-    say(f"run {run_id}: {len(plan.engines)} engines x {len(plan.workloads)} workloads "
+    outcome = RunOutcome(run_id, errors=load_errors)
+    say(f"run {run_id}: {len(engines)} engines x {len(plan.workloads)} workloads "
         f"x {plan.trials} trials -> {history.path}")
 
     if plan.measure_bandwidth:
@@ -107,7 +105,7 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
 
     for index, workload in enumerate(plan.workloads, 1):
         active = []
-        for engine in plan.engines:
+        for engine in engines:
             if engine.supports(workload.kind):
                 active.append(engine)
             else:
@@ -136,6 +134,29 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
                     f"{trial}/{plan.trials} {engine.name}: {_format(values)}")
     history.finish_run(run_id)
     return outcome
+
+
+def _load(plan: RunPlan, say) -> tuple[list[BenchEngine], dict[tuple[str, str], str]]:
+    """Load every engine; one that cannot load is reported and left out of the run."""
+    loaded, errors = [], {}
+    for engine in plan.engines:
+        say(f"loading {engine.name} ({plan.model}) ...")
+        try:
+            engine.load()
+        except ImportError as error:
+            hint = INSTALL_HINTS.get(engine.name, "install it")
+            errors[(engine.name, "load")] = f"not installed ({error}); {hint}"
+            say(f"{engine.name} is not installed, skipped: {hint}")
+            continue
+        except Exception as error:  # noqa: BLE001 - report it, run the other engines
+            errors[(engine.name, "load")] = "".join(traceback.format_exception(error)[-3:])
+            say(f"{engine.name} failed to load: {error!r}")
+            continue
+        loaded.append(engine)
+    if not loaded:
+        details = "; ".join(f"{name}: {text.strip()}" for (name, _), text in errors.items())
+        raise RuntimeError(f"no engine could be loaded ({details})")
+    return loaded, errors
 
 
 def _attempt(engine, workload, outcome, say, what) -> dict[str, float] | None:

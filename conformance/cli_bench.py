@@ -82,6 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     cmp.add_argument("--min-effect", type=float, default=0.05,
                      help="smallest median change that counts, as a fraction (0.05)")
     cmp.add_argument("--allow-different-machines", action="store_true")
+    cmp.add_argument("--relative-to", metavar="ENGINE",
+                     help="compare each engine's per-trial ratio to ENGINE (cancels machine "
+                     "load that slowed every engine alike)")
     _add_db(cmp, default=argparse.SUPPRESS)
     cmp.set_defaults(func=compare_command)
 
@@ -123,7 +126,10 @@ def run_command(args) -> int:
     except ValueError as error:
         return _error(str(error))
     with _history(args) as store:
-        outcome = runner.run(plan, store)
+        try:
+            outcome = runner.run(plan, store)
+        except RuntimeError as error:  # no engine could be loaded
+            return _error(str(error))
         samples = store.samples([outcome.run_id])
     print(f"run {outcome.run_id} ({args.model})")
     print(report.results_table(samples).text())
@@ -159,6 +165,7 @@ def compare_command(args) -> int:
             result = compare.compare_runs(
                 store, base, head, alpha=args.alpha, min_effect=args.min_effect,
                 allow_different_machines=args.allow_different_machines,
+                relative_to=args.relative_to,
             )
         except (LookupError, ValueError, compare.DifferentMachines) as error:
             return _error(str(error))

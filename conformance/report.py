@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .comparator import FAIL, NEAR_TIE, PASS
+from .profiles import PROFILES
 from .runner import SKIPPED, UNSUPPORTED, CaseResult
 
 CELL = {
@@ -102,7 +103,7 @@ def _totals_text(results: list[CaseResult]) -> str:
 
 
 def _footnotes(results: list[CaseResult]) -> list[str]:
-    notes = []
+    notes = ["", "precision profiles: " + "; ".join(_profiles_used(results))]
     ill = {}
     for r in results:
         if r.ill_conditioned and r.case_id not in ill:
@@ -112,6 +113,20 @@ def _footnotes(results: list[CaseResult]) -> list[str]:
         notes.append("* ill-conditioned case (reference margin under the profile's epsilon):")
         notes += [f"  {case_id}: {text}" for case_id, text in ill.items()]
     return notes
+
+
+def _profiles_used(results: list[CaseResult]) -> list[str]:
+    used: dict[tuple[str, str], None] = {}
+    for r in results:
+        used.setdefault((r.model, r.profile), None)
+    lines = []
+    for model, name in used:
+        p = PROFILES[name]
+        lines.append(
+            f"{model} {name} (near-tie below {p.tie_epsilon:g} nats, logprobs within "
+            f"{p.logprob_atol:g} + {p.logprob_rtol:g}*|logprob|)"
+        )
+    return lines
 
 
 def format_problems(results: list[CaseResult]) -> str:

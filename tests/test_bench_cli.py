@@ -1,6 +1,7 @@
 """``lmconform bench`` end to end on the synthetic engine: run, show, compare, plot, ingest."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -131,7 +132,7 @@ def test_ingest_stores_raw_rounds_and_extra_info(db, tmp_path, capsys):
         (run,) = store.runs()
         samples = store.samples()
     assert run.source == "pytest-benchmark" and run.revision.commit.startswith("abc")
-    assert run.fingerprint.cpu_model == "Some CPU"
+    assert run.fingerprint.cpu_model == "Some CPU" and run.settings["model"] == "dummy"
     times = [s.value for s in samples if s.metric == "time_s"]
     assert times == [0.01, 0.02, 0.03]
     tps = sorted((s.trial, s.value) for s in samples if s.metric == "decode_tps")
@@ -163,3 +164,34 @@ def test_bad_engine_and_workload_names_are_usage_errors(db, capsys):
     assert "unknown workload 'decode-9999'" in capsys.readouterr().err
     assert bench("--engines", "synthetic:bogus=1", "--db", db) == 2
     assert "bad synthetic engine option" in capsys.readouterr().err
+
+
+def test_compare_relative_to_a_baseline_engine(db, capsys):
+    engines = f"{FAST}:name=a,{FAST}:name=b"
+    for _ in range(2):
+        assert bench("--engines", engines, "--workloads", "decode-16", "--trials", 5,
+                     "--no-bandwidth", "--db", db) == 0
+    capsys.readouterr()
+    assert bench("compare", "--relative-to", "a", "--db", db) in (0, 1)
+    out = capsys.readouterr().out
+    assert "b/a" in out
+    assert not re.search(r"decode-16\s+a\s", out)  # only the ratios are judged
+    assert bench("compare", "--relative-to", "zzz", "--db", db) == 2
+    assert "no samples of engine 'zzz'" in capsys.readouterr().err
+
+
+def test_plot_marks_an_interrupted_run(db, tmp_path, capsys):
+    run_synthetic(db)
+    with History(db) as store:  # a run that never finished, as after a kill
+        run_id = store.start_run(Revision(None, True), fingerprint.collect(), {})
+        store.add_trial(run_id, 1, "synthetic", "synthetic", "decode-16",
+                        {"decode_tps": 100.0}, {})
+    out = tmp_path / "p.png"
+    assert bench("plot", "--metric", "decode_tps", "--out", out, "--db", db) == 0
+    assert "#2 interrupted" in out.with_suffix(".md").read_text()
+
+
+def test_a_model_no_engine_can_load_is_a_clear_error(db, capsys):
+    assert bench("--engines", "reference", "--model", "no-such-model", "--db", db) == 2
+    err = capsys.readouterr().err
+    assert "no engine could be loaded" in err and "no-such-model" in err

@@ -95,3 +95,28 @@ def test_minimum_effect_and_alpha_are_passed_through(store):
     strict = compare_runs(store, store.run(base), store.run(head), min_effect=0.01)
     assert [v.verdict for v in default.verdicts.values()] == [UNCHANGED]
     assert [v.verdict for v in strict.verdicts.values()] == [REGRESSED]
+
+
+def test_relative_compare_cancels_a_machine_that_slowed_every_engine_alike(store):
+    base = add_run(store, MACHINE, {("d", "reference", "decode_tps"): STEADY,
+                                    ("d", "peer", "decode_tps"): [2 * v for v in STEADY]})
+    # A busy neighbour: every engine 30% slower, trial by trial.
+    busy = add_run(store, MACHINE, {("d", "reference", "decode_tps"): [0.7 * v for v in STEADY],
+                                    ("d", "peer", "decode_tps"): [1.4 * v for v in STEADY]})
+    absolute = compare_runs(store, store.run(base), store.run(busy))
+    assert {v.verdict for v in absolute.verdicts.values()} == {REGRESSED}
+    relative = compare_runs(store, store.run(base), store.run(busy), relative_to="reference")
+    assert list(relative.verdicts) == [("d", "peer/reference", "dummy", "decode_tps")]
+    (verdict,) = relative.verdicts.values()
+    assert verdict.verdict == UNCHANGED and verdict.base_median == pytest.approx(2.0)
+
+
+def test_relative_compare_sees_an_engine_that_slowed_alone(store):
+    base = add_run(store, MACHINE, {("d", "reference", "decode_tps"): STEADY,
+                                    ("d", "peer", "decode_tps"): STEADY})
+    head = add_run(store, MACHINE, {("d", "reference", "decode_tps"): STEADY,
+                                    ("d", "peer", "decode_tps"): [0.8 * v for v in STEADY]})
+    relative = compare_runs(store, store.run(base), store.run(head), relative_to="reference")
+    assert [v.verdict for v in relative.verdicts.values()] == [REGRESSED]
+    with pytest.raises(ValueError, match="no samples of engine 'nobody'"):
+        compare_runs(store, store.run(base), store.run(head), relative_to="nobody")

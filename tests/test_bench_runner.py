@@ -119,3 +119,31 @@ def test_plans_are_validated():
         runner.RunPlan([Recording("A", [])], "m", [DECODE], trials=0)
     with pytest.raises(ValueError, match="at least one engine"):
         runner.RunPlan([], "m", [DECODE])
+
+
+class Missing(Recording):
+    def load(self):
+        raise ImportError("No module named 'mlx_lm'")
+
+
+class Unloadable(Recording):
+    def load(self):
+        raise FileNotFoundError("model file is truncated")
+
+
+def test_engines_that_cannot_load_are_reported_and_left_out(tmp_path):
+    messages = []
+    plan = runner.RunPlan([Missing("mlx-lm", []), Unloadable("odd", []), Recording("A", [])],
+                          "synthetic", [DECODE], trials=1, warmup=0, measure_bandwidth=False)
+    with History(tmp_path / "h.sqlite") as store:
+        outcome = runner.run(plan, store, messages.append)
+        assert {s.engine for s in store.samples([outcome.run_id])} == {"A"}
+    assert "pip install 'lmconform[peers]'" in outcome.errors[("mlx-lm", "load")]
+    assert "truncated" in outcome.errors[("odd", "load")]
+    assert any("mlx-lm is not installed, skipped" in m for m in messages)
+
+
+def test_a_run_with_no_loadable_engine_is_an_error(tmp_path):
+    plan = runner.RunPlan([Missing("mlx-lm", [])], "m", [DECODE], measure_bandwidth=False)
+    with History(tmp_path / "h.sqlite") as store, pytest.raises(RuntimeError, match="no engine"):
+        runner.run(plan, store, quiet)

@@ -75,6 +75,7 @@ def test_the_matrix_has_a_row_per_case_and_a_column_per_engine_and_model():
         "0 pass, 1 FAIL, 1 unsup" in text and "0 pass, 1 tie" in text and "0 pass, 1 skip" in text
     )
     assert "ill-conditioned" in text and "greedy/c: ILL-CONDITIONED" in text
+    assert "precision profiles: dummy fp32 (near-tie below 0.01 nats" in text
     assert any_failed(results()) and not any_failed(results()[2:])
 
 

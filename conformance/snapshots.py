@@ -1,0 +1,363 @@
+"""Golden snapshots: an engine's answers to the case catalogue, stored as readable JSON.
+
+The committed golden snapshots hold the *reference's* answers, so an engine
+can be checked against them on a machine without MLX
+(``lmconform check --against snapshots``), and the reference itself is
+checked against them in CI (``tests/test_snapshots.py``, through syrupy).
+``lmconform snapshot`` writes the same files for any engine.
+
+Layout of a snapshot folder (the committed one is ``conformance/golden``)::
+
+    <folder>/<model>/<group>.json           one file per case group: greedy, stopping, ...
+    <folder>/<model>/vocabulary.json.gz     the model's tokens, to decode without a tokenizer
+
+A group file holds, for each case of the group, everything the case asked of
+the oracle while it ran: the token ids of its prompt texts, the embedding
+vectors it used, and every answer (requests summarised for people, plus a hash
+of the exact request that finds the answer again), step by step: token id,
+text piece, chosen-token logprob, ``from_draft``, ``finish_reason`` and the top
+logprobs. Logprobs are rounded on write to ``LOGPROB_DECIMALS`` decimals (the
+comparison never needs more: its tightest tolerance is 2e-3). Embedding
+vectors are written as the shortest decimals that give back the same float32
+values, so a request built from them is bit-identical to the one recorded.
+The case's conditioning (the reference's smallest top-1/top-2 margin) and
+the verdict of the engine on its own case are recorded for the reader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .catalogue import Case
+from .json_layout import dumps_readable
+from .protocol import GenerateRequest, ProtocolError, ScoreRequest, TokenEvent, Trace
+from .serialization import dumps, to_json_dict
+
+FORMAT = "lmconform-golden/1"
+GOLDEN_DIR = Path(__file__).with_name("golden")
+VOCABULARY_FILE = "vocabulary.json.gz"
+GROUP_SUFFIX = ".json"
+LOGPROB_DECIMALS = 6
+KEY_CHARS = 16  # hex digits of a request hash: collisions among a few hundred requests are moot
+
+
+class SnapshotError(Exception):
+    """A snapshot file is missing, malformed, or of another format version."""
+
+
+@dataclass
+class Embedding:
+    """The embedding rows the oracle gave for ``tokens`` (float32 values)."""
+
+    tokens: list[int]
+    vectors: list[list[float]]
+
+
+@dataclass
+class Inputs:
+    """What turning a case into requests needed: tokenizations and embeddings."""
+
+    encode: dict[str, list[int]] = field(default_factory=dict)
+    encode_chat: dict[str, list[int]] = field(default_factory=dict)
+    embed: list[Embedding] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    """One answer of the snapshotted engine: a generation, or the scores of a continuation."""
+
+    kind: str  # "generate" or "score"
+    request: dict[str, Any]  # for people: the request's non-default fields, embeddings abridged
+    key: str  # hash of the exact request (see ``request_key``)
+    top_logprobs: int
+    trace: Trace
+
+
+@dataclass
+class CaseSnapshot:
+    case_id: str
+    kind: str
+    about: str
+    definition: str  # hash of the case as written in cases.toml: a changed case is stale
+    verdict: str  # the snapshotted engine's verdict on the case, run against itself
+    conditioning: dict[str, Any] | None
+    inputs: Inputs
+    answers: list[Answer]
+
+
+@dataclass
+class GroupSnapshot:
+    model: str
+    group: str
+    engine: str  # which engine answered (its description)
+    profile: str  # the precision profile the answers are compared with
+    cases: dict[str, CaseSnapshot]
+
+
+# -- identities ---------------------------------------------------------------------------
+
+
+def request_key(request: GenerateRequest | ScoreRequest) -> str:
+    """A short hash of the exact request, as the oracle was asked it."""
+    prefix = "score:" if isinstance(request, ScoreRequest) else ""
+    return hashlib.sha256((prefix + dumps(request)).encode()).hexdigest()[:KEY_CHARS]
+
+
+def case_definition(case: Case) -> str:
+    """A hash of what a case asks (not its description, nor the models it runs on)."""
+    written = {"kind": case.kind, "request": case.request, "params": case.params}
+    written["expect"] = case.expect
+    text = json.dumps(written, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def group_path(folder: Path, model: str, group: str) -> Path:
+    return Path(folder) / model / f"{group}{GROUP_SUFFIX}"
+
+
+def snapshot_groups(folder: Path, model: str) -> list[str]:
+    """The case groups with a snapshot file for ``model`` in ``folder``."""
+    return sorted(p.stem for p in (Path(folder) / model).glob(f"*{GROUP_SUFFIX}"))
+
+
+# -- requests for people -------------------------------------------------------------------
+
+
+def request_summary(request: GenerateRequest | ScoreRequest) -> dict[str, Any]:
+    """The fields that differ from their defaults; embeddings shown by their shape only.
+
+    ``top_logprobs`` and ``stream`` are left out: the oracle always asks for a
+    streamed answer, and the answer records its own ``top_logprobs``.
+    """
+    summary = _non_default_fields(request)
+    for name in ("top_logprobs", "stream"):
+        summary.pop(name, None)
+    vectors = summary.get("prompt_embeddings")
+    if vectors:
+        summary["prompt_embeddings"] = f"<{len(vectors)} vectors of {len(vectors[0])} floats>"
+    return summary
+
+
+def _non_default_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields that are required or differ from their defaults, as JSON data."""
+    shown = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not MISSING and value == f.default:
+            continue
+        if f.default_factory is not MISSING and value == f.default_factory():
+            continue
+        shown[f.name] = _non_default_fields(value) if is_dataclass(value) else to_json_dict(value)
+    return shown
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def group_to_json(group: GroupSnapshot) -> str:
+    """The group as the readable JSON text of its snapshot file."""
+    data = {
+        "format": FORMAT,
+        "model": group.model,
+        "group": group.group,
+        "engine": group.engine,
+        "profile": group.profile,
+        "logprob_decimals": LOGPROB_DECIMALS,
+        "cases": {case_id: _case_to_json(case) for case_id, case in sorted(group.cases.items())},
+    }
+    return dumps_readable(data, one_line_items=frozenset({"steps", "vectors"}))
+
+
+def _case_to_json(case: CaseSnapshot) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    if case.inputs.encode:
+        inputs["encode"] = case.inputs.encode
+    if case.inputs.encode_chat:
+        inputs["encode_chat"] = case.inputs.encode_chat
+    if case.inputs.embed:
+        inputs["embed"] = [
+            {"tokens": e.tokens, "vectors": [[_float32(v) for v in row] for row in e.vectors]}
+            for e in case.inputs.embed
+        ]
+    return {
+        "kind": case.kind,
+        "about": case.about,
+        "definition": case.definition,
+        "verdict": case.verdict,
+        "conditioning": _rounded(case.conditioning),
+        "inputs": inputs,
+        "answers": [_answer_to_json(a) for a in case.answers],
+    }
+
+
+def _answer_to_json(answer: Answer) -> dict[str, Any]:
+    trace = answer.trace
+    return {
+        "kind": answer.kind,
+        "request": answer.request,
+        "key": answer.key,
+        "top_logprobs": answer.top_logprobs,
+        "tokens": trace.tokens,
+        "text": trace.text,
+        "finish_reason": trace.finish_reason,
+        "steps": [_step_to_json(e) for e in trace.events],
+    }
+
+
+def _step_to_json(event: TokenEvent) -> dict[str, Any]:
+    step: dict[str, Any] = {"token": event.token, "text": event.text}
+    step["logprob"] = _logprob(event.logprob)
+    if event.from_draft is not None:
+        step["from_draft"] = event.from_draft
+    if event.finish_reason is not None:
+        step["finish_reason"] = event.finish_reason
+    if event.top_logprobs is not None:
+        step["top"] = [[t, _logprob(lp)] for t, lp in event.top_logprobs]
+    return step
+
+
+def _logprob(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return round(float(value), LOGPROB_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32."""
+    return float(str(np.float32(value)))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return _logprob(value)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def write_group(folder: Path, group: GroupSnapshot) -> Path:
+    path = group_path(folder, group.model, group.group)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(group_to_json(group), encoding="utf-8")
+    return path
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def group_from_json(text: str, where: str = "snapshot") -> GroupSnapshot:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SnapshotError(f"{where}: not JSON ({error})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise SnapshotError(f"{where}: format {found!r}, expected {FORMAT!r}")
+    try:
+        cases = {cid: _case_from_json(cid, c) for cid, c in data["cases"].items()}
+        return GroupSnapshot(data["model"], data["group"], data["engine"], data["profile"], cases)
+    except (KeyError, TypeError, ValueError, ProtocolError) as error:
+        raise SnapshotError(f"{where}: malformed ({type(error).__name__}: {error})") from None
+
+
+def read_group(folder: Path, model: str, group: str) -> GroupSnapshot:
+    path = group_path(folder, model, group)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot file {path}") from None
+    return group_from_json(text, str(path))
+
+
+def _case_from_json(case_id: str, data: dict[str, Any]) -> CaseSnapshot:
+    raw = data.get("inputs", {})
+    inputs = Inputs(
+        encode={k: list(v) for k, v in raw.get("encode", {}).items()},
+        encode_chat={k: list(v) for k, v in raw.get("encode_chat", {}).items()},
+        embed=[Embedding(list(e["tokens"]), e["vectors"]) for e in raw.get("embed", [])],
+    )
+    answers = [
+        Answer(a["kind"], a["request"], a["key"], a["top_logprobs"], _trace_from_json(a["steps"]))
+        for a in data["answers"]
+    ]
+    return CaseSnapshot(
+        case_id=case_id,
+        kind=data["kind"],
+        about=data["about"],
+        definition=data["definition"],
+        verdict=data["verdict"],
+        conditioning=data.get("conditioning"),
+        inputs=inputs,
+        answers=answers,
+    )
+
+
+def _trace_from_json(steps: list[dict[str, Any]]) -> Trace:
+    events = []
+    for step in steps:
+        top = step.get("top")
+        events.append(
+            TokenEvent(
+                token=int(step["token"]),
+                logprob=_read_float(step.get("logprob")),
+                top_logprobs=None if top is None else [(int(t), _read_float(lp)) for t, lp in top],
+                text=step.get("text", ""),
+                from_draft=step.get("from_draft"),
+                finish_reason=step.get("finish_reason"),
+            )
+        )
+    return Trace(events)
+
+
+def _read_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}[value]
+    return float(value)
+
+
+# -- the vocabulary ----------------------------------------------------------------------------
+
+
+@dataclass
+class VocabularyData:
+    """A model's tokens as stored: enough to decode any token ids the way the reference does."""
+
+    model: str
+    vocab_size: int  # width of the model's logprob vectors (may exceed len(tokens))
+    end_tokens: list[int]
+    tokens: list[str]  # token id -> its piece in the vocabulary (byte-level spelling)
+    added: dict[int, bool]  # ids matched whole by the tokenizer -> whether they are special
+    decoder: str = "byte_level"
+
+
+def write_vocabulary(folder: Path, vocabulary: VocabularyData) -> Path:
+    path = Path(folder) / vocabulary.model / VOCABULARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = asdict(vocabulary)
+    data["added"] = {str(k): v for k, v in vocabulary.added.items()}
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # mtime=0: the same vocabulary gives byte-identical files (no spurious diffs).
+    path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return path
+
+
+def read_vocabulary(folder: Path, model: str) -> VocabularyData:
+    path = Path(folder) / model / VOCABULARY_FILE
+    try:
+        data = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+    except FileNotFoundError:
+        raise SnapshotError(f"no vocabulary file {path}") from None
+    data["added"] = {int(k): bool(v) for k, v in data["added"].items()}
+    return VocabularyData(**data)
