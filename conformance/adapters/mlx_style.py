@@ -142,7 +142,9 @@ class MlxStyleEngine(Engine):
                     row_of_uid.update(zip(uids, due))
                 responses = generator.next_generated()
                 if not responses and not due:
-                    raise ProtocolError(f"{self.name}'s BatchGenerator stopped with rows unfinished")
+                    raise ProtocolError(
+                        f"{self.name}'s BatchGenerator stopped with rows unfinished"
+                    )
                 for response in responses:
                     i = row_of_uid[response.uid]
                     outputs[i].append(

@@ -86,6 +86,7 @@ class TransformersEngine(Engine):
         # (small matrices; threads contend with each other and with MLX's).
         torch.set_num_threads(int(os.environ.get("LMCONFORM_TORCH_THREADS", "1")))
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # keep the suite's own progress readable
         self.model, self.tokenizer = self._load(source)
         self.end_ids = self._end_ids(self.model)
         self.pad_id = self.model.generation_config.pad_token_id

@@ -1,0 +1,185 @@
+"""The oracle replayed from snapshots: checks against golden answers, without the reference.
+
+``SnapshotOracle`` answers every question a case's check asks of the oracle
+(tokenize, embed, answer a request, decode) from a snapshot folder (see
+``snapshots.py``). The checks themselves run unchanged, so an engine gets the
+verdicts it would get against the live reference, as long as the snapshot
+was taken from the reference (``tests/test_snapshots.py`` proves it on the
+dummy catalogue, for the reference and for every mutant).
+
+Nothing here imports MLX or the reference: this is what lets
+``lmconform check --against snapshots`` run on machines without them.
+
+One limit: a request the snapshot never saw has no answer. That happens
+when a case's definition changed after the snapshot was taken (caught up
+front by its definition hash) and in the one check whose later requests are
+built from the engine's earlier answers (``prompt_cache``: the second turn
+continues the engine's first answer). An engine whose first answer already
+differs from the reference's fails that case either way; the snapshot
+oracle says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models
+
+from .catalogue import Case, CatalogueError
+from .oracle import BYTE_OF_CHAR, REFERENCE_TOP
+from .profiles import PrecisionProfile, profile_for_model
+from .protocol import GenerateRequest, ScoreRequest, Trace
+from .snapshots import (
+    GOLDEN_DIR,
+    CaseSnapshot,
+    SnapshotError,
+    VocabularyData,
+    case_definition,
+    read_group,
+    read_vocabulary,
+    request_key,
+    request_summary,
+    snapshot_groups,
+)
+
+
+class SnapshotMiss(CatalogueError):
+    """The snapshot holds no answer to a question the case asked."""
+
+
+class SnapshotVocabulary:
+    """Decoding token ids from a stored vocabulary, exactly as the reference's tokenizer does.
+
+    The reference's tokenizers are byte-level BPE in the ``tokenizers`` library;
+    decoding needs only the vocabulary, the tokens matched whole, and the
+    byte-level decoder (merges only matter for encoding, which is not done here).
+    """
+
+    def __init__(self, data: VocabularyData):
+        if data.decoder != "byte_level":
+            raise SnapshotError(f"{data.model}: unknown decoder {data.decoder!r}")
+        self.data = data
+        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(data.tokens)}, merges=[]))
+        backend.decoder = decoders.ByteLevel()
+        added = [(i, special) for i, special in sorted(data.added.items())]
+        backend.add_special_tokens(
+            [AddedToken(data.tokens[i], special=True, normalized=False) for i, s in added if s]
+        )
+        backend.add_tokens(
+            [AddedToken(data.tokens[i], special=False, normalized=False) for i, s in added if not s]
+        )
+        self._backend = backend
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._backend.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+    def token_text(self, token: int) -> str:
+        """A token as a human should see it (as ``ReferenceOracle.token_text`` shows it)."""
+        text = self.decode([token])
+        if "\ufffd" not in text:
+            return text
+        piece = self.data.tokens[token] if 0 <= token < len(self.data.tokens) else f"<{token}>"
+        if all(ch in BYTE_OF_CHAR for ch in piece):
+            return f"<{bytes(BYTE_OF_CHAR[ch] for ch in piece).hex(' ')}>"
+        return piece
+
+
+class SnapshotOracle:
+    """The oracle of one model, answering from the snapshot files in ``folder``."""
+
+    engine = None  # no live engine behind it: every engine under test is opened separately
+
+    def __init__(self, model: str, folder: str | Path = GOLDEN_DIR):
+        self.model = model
+        self.folder = Path(folder)
+        groups = snapshot_groups(self.folder, model)
+        if not groups:
+            raise SnapshotError(f"no snapshots of {model} in {self.folder / model}")
+        vocabulary = read_vocabulary(self.folder, model)
+        self.vocabulary = SnapshotVocabulary(vocabulary)
+        self.vocab_size = vocabulary.vocab_size
+        self.end_tokens = set(vocabulary.end_tokens)
+        self.engine_description = ""
+        self.cases: dict[str, CaseSnapshot] = {}
+        self._encode: dict[str, list[int]] = {}
+        self._encode_chat: dict[str, list[int]] = {}
+        self._embed: dict[tuple[int, ...], list[list[float]]] = {}
+        self._answers: dict[str, Trace] = {}
+        for group in groups:
+            snapshot = read_group(self.folder, model, group)
+            self.engine_description = snapshot.engine
+            for case in snapshot.cases.values():
+                self._add(case)
+
+    def _add(self, case: CaseSnapshot) -> None:
+        self.cases[case.case_id] = case
+        self._encode.update(case.inputs.encode)
+        self._encode_chat.update(case.inputs.encode_chat)
+        for embedding in case.inputs.embed:
+            self._embed[tuple(embedding.tokens)] = embedding.vectors
+        for answer in case.answers:
+            self._answers[answer.key] = answer.trace
+
+    def default_profile(self, override: str | None = None) -> PrecisionProfile:
+        return profile_for_model(self.model, override)
+
+    def missing(self, case: Case) -> str | None:
+        """Why ``case`` cannot be checked against these snapshots, or None if it can."""
+        stored = self.cases.get(case.id)
+        if stored is None:
+            return f"no snapshot of case {case.id} for {self.model} in {self.folder}"
+        if stored.definition != case_definition(case):
+            return (
+                f"the snapshot of {case.id} is out of date: the case changed in cases.toml "
+                "since it was taken (regenerate the snapshots)"
+            )
+        return None
+
+    # -- the questions checks ask -------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._lookup(self._encode, text, f"the token ids of {text!r}"))
+
+    def encode_chat(self, text: str) -> list[int]:
+        return list(self._lookup(self._encode_chat, text, f"the chat prompt {text!r}"))
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        vectors = self._lookup(self._embed, tuple(tokens), f"embeddings of tokens {tokens}")
+        return np.array(vectors, dtype=np.float32)
+
+    def greedy_tokens(self, request: GenerateRequest) -> list[int]:
+        return self.answer(request).tokens
+
+    def answer(self, request: GenerateRequest, top: int = REFERENCE_TOP) -> Trace:
+        asked = replace(request, top_logprobs=top, stream=True)
+        return self._lookup(self._answers, request_key(asked), _describe(asked))
+
+    def answer_score(self, request: ScoreRequest) -> Trace:
+        asked = replace(request, top_logprobs=REFERENCE_TOP)
+        return self._lookup(self._answers, request_key(asked), _describe(asked))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.vocabulary.decode(tokens)
+
+    def token_text(self, token: int) -> str:
+        return self.vocabulary.token_text(token)
+
+    def close(self) -> None:
+        pass
+
+    def _lookup(self, table: dict, key, what: str):
+        try:
+            return table[key]
+        except KeyError:
+            raise SnapshotMiss(
+                f"the snapshot in {self.folder} holds no {what}; either the case depends on "
+                "an earlier answer of the engine that differs from the snapshot's, or the "
+                "snapshot is out of date"
+            ) from None
+
+
+def _describe(request: GenerateRequest | ScoreRequest) -> str:
+    text = str(request_summary(request))
+    return "answer to " + (text if len(text) <= 200 else text[:200] + "...")
