@@ -12,7 +12,9 @@ Where to find things:
 - profiles.py          precision profiles (tolerances per weight precision)
 - conditioning.py      how well-conditioned a case's greedy path is
 - comparator.py        the tie-aware comparison of two token traces
-- sampling_stats.py    implied sampler distributions and goodness-of-fit
+- sampler_stats.py     implied sampler distributions, support checks, calibrated
+                       fit tests with Holm correction
+- sampler_draws.py     ways to draw N seeded samples (engine requests, batched reference)
 - checks/              what each kind of case runs and asserts
 - runner.py            running cases on engines, one failure never stops the run
 - report.py            JSON, Markdown, JUnit XML and the terminal matrix

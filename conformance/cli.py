@@ -12,6 +12,7 @@ COMMANDS = {
     "check": "conformance.cli_check",
     "generate": "conformance.cli_generate",
     "models": "conformance.cli_models",
+    "snapshot": "conformance.cli_snapshot",
 }
 
 

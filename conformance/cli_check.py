@@ -6,6 +6,10 @@ installed peer engine (mlx-lm, transformers) on ``dummy`` and
 every fail and near-tie to stdout; ``--json``, ``--markdown`` and ``--junit``
 write reports. The exit status is 1 if any case failed, 2 if an engine that
 was asked for by name cannot be used here, else 0.
+
+``--against snapshots`` compares with the committed golden snapshots of the
+reference instead of running it (no MLX needed); ``--against DIR`` with
+snapshots written by ``lmconform snapshot``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import platform
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 DEFAULT_MODELS = ("dummy", "smollm2-135m")
 
@@ -28,8 +33,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--engine",
         action="append",
-        help="reference, mlx-lm, transformers or module:Class (repeatable; "
-        "default: reference and every installed peer)",
+        help="reference, mlx-lm, transformers, module:Class or 'cmd:COMMAND LINE' (an engine "
+        "speaking conformance/PROTOCOL.md; repeatable; default: reference and every installed peer)",
     )
     parser.add_argument(
         "--model",
@@ -43,6 +48,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--junit", metavar="FILE", help="write JUnit XML (for CI)")
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="time limit per case in seconds (default 600)"
+    )
+    parser.add_argument(
+        "--against",
+        default="reference",
+        metavar="SOURCE",
+        help="what engines are compared with: 'reference' (run it live; default), 'snapshots' "
+        "(the committed golden outputs of the reference; needs no MLX) or a folder written "
+        "by 'lmconform snapshot'",
     )
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.set_defaults(func=run)
@@ -69,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"lmconform check: {error}", file=sys.stderr)
             return 2
+    if args.against not in ("reference", "snapshots") and not Path(args.against).is_dir():
+        print(
+            f"lmconform check: --against {args.against!r} is neither 'reference', "
+            "'snapshots' nor a folder",
+            file=sys.stderr,
+        )
+        return 2
     if args.list:
         catalogue = load_cases()
         for model in models:
@@ -103,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
         profile_name=args.profile,
         timeout=args.timeout,
         progress=progress,
+        on_skip=lambda engine, model, why: print(
+            f"lmconform check: skipping {engine} @ {model}: {why}", file=sys.stderr
+        ),
         on_done=on_done,
+        against=args.against,
     )
     progress.finish()
     if not results:
@@ -112,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "engines": described,
+        "compared with": "the reference, live"
+        if args.against == "reference"
+        else f"snapshots ({'committed golden' if args.against == 'snapshots' else args.against})",
         "profiles": {m: sorted({r.profile for r in results if r.model == m}) for m in models},
         "time per engine and model": timings,
         "total time": f"{time.perf_counter() - started:.1f} s",

@@ -27,8 +27,9 @@ def pytest_addoption(parser) -> None:
         "--engine",
         action="append",
         default=None,
-        help="engine to validate: reference, mlx-lm, transformers or module:Class (repeatable); "
-        "enables the conformance tests of `pytest --pyargs conformance`",
+        help="engine to validate: reference, mlx-lm, transformers, module:Class or "
+        "'cmd:COMMAND LINE' (repeatable); enables the conformance tests of "
+        "`pytest --pyargs conformance`",
     )
     group.addoption(
         "--model",
@@ -40,6 +41,12 @@ def pytest_addoption(parser) -> None:
         "--cases", default=None, help="conformance case ids: substrings or globs, comma-separated"
     )
     group.addoption("--profile", default=None, help="precision profile (default: per model)")
+    group.addoption(
+        "--against",
+        default="reference",
+        help="compare with: reference (live; default), snapshots (the committed golden "
+        "outputs; no MLX needed) or a folder written by `lmconform snapshot`",
+    )
     group.addoption(
         "--case-timeout", type=float, default=600.0, help="time limit per conformance case (s)"
     )
@@ -78,10 +85,15 @@ class ConformanceSession:
         self.engines = {}
 
     def oracle(self, model: str):
-        from .oracle import ReferenceOracle
+        """The oracle (live reference or snapshots), or why there is none (a string)."""
+        from .runner import open_oracle
+        from .snapshots import SnapshotError
 
         if model not in self.oracles:
-            self.oracles[model] = ReferenceOracle(model)
+            try:
+                self.oracles[model] = open_oracle(model, self.config.getoption("against"))
+            except SnapshotError as error:
+                self.oracles[model] = str(error)
         return self.oracles[model]
 
     def engine(self, spec: str, model: str):
@@ -90,22 +102,24 @@ class ConformanceSession:
 
         key = (spec, model)
         if key not in self.engines:
+            oracle = self.oracle(model)
             try:
-                oracle = self.oracle(model)
-                self.engines[key] = (
-                    oracle.engine if spec == "reference" else open_engine(spec, model)
-                )
+                if isinstance(oracle, str):
+                    self.engines[key] = oracle
+                elif spec == "reference" and oracle.engine is not None:
+                    self.engines[key] = oracle.engine
+                else:
+                    self.engines[key] = open_engine(spec, model)
             except EngineUnavailable as error:
                 self.engines[key] = str(error)
         return self.engines[key]
 
     def close(self) -> None:
+        oracles = [o for o in self.oracles.values() if not isinstance(o, str)]
         for engine in self.engines.values():
-            if not isinstance(engine, str) and all(
-                engine is not o.engine for o in self.oracles.values()
-            ):
+            if not isinstance(engine, str) and all(engine is not o.engine for o in oracles):
                 engine.close()
-        for oracle in self.oracles.values():
+        for oracle in oracles:
             oracle.close()
 
 
@@ -119,13 +133,16 @@ def conformance_session(request):
 @pytest.fixture
 def conformance_result(conformance_case, conformance_session, request):
     """Runs the case (skipping when the engine is unavailable); ``judge`` gives the outcome."""
-    from .runner import run_case
+    from .runner import not_covered, run_case
 
     spec, model, case = conformance_case
     engine = conformance_session.engine(spec, model)
     if isinstance(engine, str):
         pytest.skip(engine)
     oracle = conformance_session.oracle(model)
+    uncovered = not_covered(oracle, [case])
+    if uncovered:
+        pytest.skip(uncovered[case.id])
     profile = oracle.default_profile(request.config.getoption("profile"))
     result = run_case(case, engine, oracle, profile, request.config.getoption("case_timeout"))
     request.node.user_properties.append(("verdict", result.verdict))

@@ -9,7 +9,8 @@
 - otherwise "near-tie" if some comparison ended at a near-tie, else "pass".
 
 ``run_matrix`` runs the selected cases for each (model, engine) pair, sharing
-one reference oracle per model, and reports progress through a callback.
+one oracle per model (the live reference, or golden snapshots: ``open_oracle``),
+and reports progress through a callback.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .adapters import EngineUnavailable, open_engine
+from .adapters.line_process import EngineFailure
 from .catalogue import Case, CatalogueError, load_cases, select_cases
 from .checks import CHECKS
 from .checks.context import CaseContext, Finding
@@ -27,8 +30,10 @@ from .comparator import FAIL, NEAR_TIE, PASS
 from .conditioning import Conditioning
 from .deadline import CaseTimeout, deadline
 from .oracle import ReferenceOracle
-from .profiles import PrecisionProfile
+from .profiles import PrecisionProfile, profile_for_model
 from .protocol import ProtocolError, Unsupported
+from .snapshot_oracle import SnapshotOracle
+from .snapshots import GOLDEN_DIR, SnapshotError
 
 UNSUPPORTED = "unsupported"
 SKIPPED = "skipped"  # the engine itself could not be used (not installed)
@@ -86,6 +91,8 @@ def run_case(
         result.verdict, result.reason = FAIL, f"timeout: {error}"
     except ProtocolError as error:
         result.verdict, result.reason = FAIL, f"protocol violation: {error}"
+    except EngineFailure as error:  # an engine process that crashed or reported an error
+        result.verdict, result.reason = FAIL, f"engine failure: {error}"
     except Exception as error:  # noqa: BLE001 - an engine that raises fails its case, nothing more
         result.verdict, result.reason = FAIL, _describe_exception(engine.name, error)
     result.duration_s = time.perf_counter() - start
@@ -126,11 +133,14 @@ def run_matrix(
     progress: ProgressCallback | None = None,
     on_skip: Callable[[str, str, str], None] | None = None,
     on_done: Callable[[str, str, dict, float], None] | None = None,
+    against: str = "reference",
 ) -> list[CaseResult]:
     """Every selected case for every (model, engine); unusable engines give "skipped" rows.
 
-    ``on_skip(engine, model, why)`` hears of engines that could not be opened;
-    ``on_done(engine, model, description, seconds)`` of each finished column.
+    ``against`` is the source of truth (see ``open_oracle``). Cases the
+    snapshots do not cover are "skipped", with the reason.
+    ``on_skip(engine, model, why)`` hears of engines (or snapshots) that could not
+    be used; ``on_done(engine, model, description, seconds)`` of each finished column.
     """
     catalogue = load_cases()
     results: list[CaseResult] = []
@@ -138,12 +148,27 @@ def run_matrix(
         cases = select_cases(catalogue, model, pattern)
         if not cases:
             continue
-        oracle = ReferenceOracle(model)
-        profile = oracle.default_profile(profile_name)
         try:
+            oracle = open_oracle(model, against)
+        except SnapshotError as error:
+            for spec in engines:
+                if on_skip:
+                    on_skip(spec, model, str(error))
+                results += _for_all(
+                    cases, spec, model, profile_for_model(model, profile_name), SKIPPED, str(error)
+                )
+            continue
+        profile = oracle.default_profile(profile_name)
+        uncovered = not_covered(oracle, cases)
+        try:
+            covered = [c for c in cases if c.id not in uncovered]
             for spec in engines:
                 try:
-                    engine = oracle.engine if spec == "reference" else open_engine(spec, model)
+                    engine = (
+                        oracle.engine
+                        if spec == "reference" and oracle.engine is not None
+                        else open_engine(spec, model)
+                    )
                 except EngineUnavailable as error:
                     if on_skip:
                         on_skip(spec, model, str(error))
@@ -151,19 +176,51 @@ def run_matrix(
                     continue
                 except Exception as error:  # noqa: BLE001 - an engine that cannot load fails its cases
                     reason = f"could not open the engine: {_describe_exception(spec, error)}"
-                    results += _for_all(cases, spec, model, profile, FAIL, reason)
+                    results += _for_all(covered, spec, model, profile, FAIL, reason)
+                    results += _uncovered(cases, uncovered, spec, model, profile)
                     continue
+                column = _uncovered(cases, uncovered, engine.name, model, profile)
                 start = time.perf_counter()
                 try:
-                    results += run_cases(cases, engine, oracle, profile, timeout, progress)
+                    column += run_cases(covered, engine, oracle, profile, timeout, progress)
                 finally:
                     if engine is not oracle.engine:
                         engine.close()
+                order = {c.id: i for i, c in enumerate(cases)}
+                results += sorted(column, key=lambda r: order[r.case_id])
                 if on_done:
                     on_done(spec, model, engine.describe(), time.perf_counter() - start)
         finally:
             oracle.close()
     return results
+
+
+def open_oracle(model: str, against: str = "reference"):
+    """The source of truth for ``model``.
+
+    ``"reference"``: the reference engine, live. ``"snapshots"``: the committed
+    golden snapshots of the reference (``conformance/golden``; needs no MLX).
+    Anything else: a folder written by ``lmconform snapshot``.
+    """
+    if against == "reference":
+        return ReferenceOracle(model)
+    folder = GOLDEN_DIR if against == "snapshots" else Path(against)
+    return SnapshotOracle(model, folder)
+
+
+def not_covered(oracle, cases: list[Case]) -> dict[str, str]:
+    """The cases a snapshot oracle holds no answers for, with why (a live oracle has all)."""
+    if not isinstance(oracle, SnapshotOracle):
+        return {}
+    return {c.id: why for c in cases if (why := oracle.missing(c))}
+
+
+def _uncovered(cases, uncovered: dict[str, str], engine, model, profile) -> list[CaseResult]:
+    return [
+        CaseResult(c.id, engine, model, profile.name, SKIPPED, c.about, reason=uncovered[c.id])
+        for c in cases
+        if c.id in uncovered
+    ]
 
 
 def _for_all(cases, engine, model, profile, verdict, reason) -> list[CaseResult]:

@@ -21,51 +21,59 @@ Implementations here:
 
 Each reference draw takes a ``sampler_factory`` with ``make_sampler``'s signature, so
 the tests can hand in deliberately broken samplers and check the statistics catch them.
+
+MLX and the reference are imported only by the reference draws, when called:
+``request_draw`` (what the catalogue's checks use) works without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
-import reference
-
-from .protocol import DraftSettings, GenerateRequest, SamplerSettings
+from .protocol import GenerateRequest, SamplerSettings
 
 NextTokenDraw = Callable[[list[int], SamplerSettings, int, int], list[int]]
 SequenceDraw = Callable[[list[int], SamplerSettings, int, int, int], list[list[int]]]
-Sampler = Callable[[mx.array], mx.array]
-SamplerFactory = Callable[
-    ..., Sampler
-]  # make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k)
+Sampler = Callable[[Any], Any]  # an mx.array of logprobs -> an mx.array of token ids
+# make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k); None: the reference's own.
+SamplerFactory = Callable[..., Sampler]
 
 # Rows x vocabulary entries per batched sampler call: bounds memory for big vocabularies
 # (smollm2's 49,152 tokens x 80 rows is about 16 MB of float32).
 MAX_BATCH_ELEMENTS = 1 << 22
 
 
-def sampler_for(settings: SamplerSettings, factory: SamplerFactory = reference.make_sampler):
+def sampler_for(settings: SamplerSettings, factory: SamplerFactory | None = None):
+    if factory is None:
+        import reference
+
+        factory = reference.make_sampler
     return factory(
         settings.temp, settings.top_p, settings.min_p, settings.min_tokens_to_keep, settings.top_k
     )
 
 
-def next_token_logprobs(model, context: list[int]) -> mx.array:
-    """The reference's full log-softmax vector (1 x vocab) for the token after ``context``.
+def next_token_logprobs(model, context: list[int]):
+    """The reference's full log-softmax vector (an mx.array, 1 x vocab) after ``context``.
 
     Taken from ``generate_step`` with the greedy sampler (which draws no random
     numbers), so it is exactly the vector the engine's sampler sees.
     """
+    import mlx.core as mx
+
+    import reference
+
     _, logprobs = next(reference.generate_step(mx.array(context), model, max_tokens=1))
     return logprobs.reshape(1, -1)
 
 
 def reference_draw(
     model,
-    sampler_factory: SamplerFactory = reference.make_sampler,
+    sampler_factory: SamplerFactory | None = None,
     max_batch_elements: int = MAX_BATCH_ELEMENTS,
 ) -> NextTokenDraw:
     """n draws from the reference's sampler at one context, many per sampler call.
@@ -78,6 +86,8 @@ def reference_draw(
     as n separate calls would be (``test_sampler_stats.py`` checks that one
     seeded ``generate_step`` run per draw passes the same test).
     """
+
+    import mlx.core as mx
 
     def draw(context: list[int], settings: SamplerSettings, seed: int, n: int) -> list[int]:
         logprobs = next_token_logprobs(model, context)
@@ -97,9 +107,12 @@ def reference_speculative_draw(
     model,
     draft_model,
     num_draft_tokens: int,
-    sampler_factory: SamplerFactory = reference.make_sampler,
+    sampler_factory: SamplerFactory | None = None,
 ) -> SequenceDraw:
     """n speculative generations of ``length`` tokens, the draft and the target sharing the sampler."""
+    import mlx.core as mx
+
+    import reference
 
     def draw(
         context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
@@ -131,14 +144,17 @@ def request_seeds(seed: int, n: int) -> list[int]:
 
 
 def request_draw(
-    run: Callable[[GenerateRequest], list[int]], draft: DraftSettings | None = None
+    run: Callable[[GenerateRequest], list[int]], template: GenerateRequest | None = None
 ) -> SequenceDraw:
     """Draws from any engine that answers requests: one seeded request per draw.
 
     ``run(request)`` returns the generated token ids (an adapter's events' tokens).
-    A generation may end early at an end token; the statistics only use the
-    positions that were generated.
+    Each request is ``template`` (default: a plain ``GenerateRequest``; it may carry a
+    draft model, logit bias, ...) with the context as its prompt, ``length`` as its
+    ``max_tokens`` and the settings with the draw's own seed. A generation may end
+    early at an end token; the statistics only use the positions that were generated.
     """
+    template = template if template is not None else GenerateRequest()
 
     def draw(
         context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
@@ -146,11 +162,12 @@ def request_draw(
         return [
             list(
                 run(
-                    GenerateRequest(
+                    replace(
+                        template,
                         prompt=list(context),
+                        prompt_embeddings=None,
                         max_tokens=length,
                         sampler=replace(settings, seed=request_seed),
-                        draft=draft,
                     )
                 )
             )[:length]

@@ -1,9 +1,13 @@
 """Statistics for sampler conformance: does an engine draw from the distribution it should?
 
-At a fixed context the reference says which tokens the sampler settings allow (the
-*support*: what survives top-k, top-p and min-p) and with what probability each is
-drawn (the *implied distribution*: softmax of the surviving log-probabilities divided
-by the temperature). Given N seeded draws of an engine at that context, two checks:
+At a fixed context the reference's log-probabilities and the sampler settings say
+which tokens may be drawn (the *support*: what survives top-p, min-p and top-k) and
+with what probability each is drawn (the *implied distribution*: softmax of the
+surviving log-probabilities divided by the temperature). ``implied_distribution``
+states mlx-lm's semantics, which the reference follows: the filters act on the
+*untempered* log-probabilities, in the order top-p, min-p, top-k, each on what the
+previous one left; the temperature applies only to the survivors. Given N seeded
+draws of an engine at that context, two checks:
 
 1. **Support (hard).** A correct engine never draws a token outside the support, so a
    single such draw fails the case at once, naming the token and the rule that excludes
@@ -45,18 +49,21 @@ error rate: a correct engine fails a case through the fit tests with probability
 most ``alpha``, default 0.001. Holm rejects everything Bonferroni does and sometimes
 more, with the same guarantee, and needs no independence between the tests.
 
-Everything here is plain NumPy/SciPy on plain data: the model, the engine and the
-sampler live elsewhere (``sampler_cases.py``).
+Everything here is plain NumPy/SciPy on plain data (no MLX: snapshot checks run
+without it): the model, the engine and the draws live elsewhere (``checks/sampling.py``
+runs the catalogue's cases, ``sampler_draws.py`` holds ways to draw).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import stats
+
+from .protocol import SamplerSettings
 
 DEFAULT_ALPHA = 0.001
 MIN_EXPECTED = 5.0
@@ -66,6 +73,109 @@ SIMULATE_BELOW_ALPHA_TIMES = 10
 # this many times below the smallest threshold Holm uses (alpha / family size).
 RESOLUTION_FACTOR = 10
 MIN_SIMULATIONS = 10_000
+# How far (probability mass for top_p, log-probability otherwise) a filter's threshold may
+# move without changing a context's support; well above float32 rounding (~1e-7).
+SUPPORT_TOLERANCE = 1e-3
+
+
+# -- what the settings imply ------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ImpliedDistribution:
+    """The distribution a sampler should draw from at one context.
+
+    ``probabilities``: float64 over the vocabulary, zero outside the support.
+    ``allowed_by_rule``: for each active filter ("top_p", "min_p", "top_k"), the tokens
+    that filter alone keeps, so that a draw outside the support can be blamed on a rule.
+    """
+
+    probabilities: np.ndarray
+    allowed_by_rule: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def support(self) -> frozenset[int]:
+        return frozenset(np.flatnonzero(self.probabilities).tolist())
+
+
+def implied_distribution(logprobs: np.ndarray, settings: SamplerSettings) -> ImpliedDistribution:
+    """What ``settings`` imply, given the full next-token log-probability vector."""
+    if settings.temp <= 0:
+        raise ValueError(f"settings.temp must be > 0 for a sampling case, got {settings.temp}")
+    untempered = np.asarray(logprobs, dtype=np.float64).reshape(-1)
+    kept = untempered
+    allowed_by_rule = {}
+    for name, keep in active_filters(settings):
+        allowed_by_rule[name] = np.isfinite(keep(untempered))
+        kept = keep(kept)
+    scaled = kept / settings.temp
+    weights = np.exp(scaled - scaled.max())
+    return ImpliedDistribution(weights / weights.sum(), allowed_by_rule)
+
+
+def active_filters(settings: SamplerSettings):
+    """(rule name, filter on a logprob vector) for each active filter, in mlx-lm's order."""
+    filters = []
+    if 0 < settings.top_p < 1:
+        filters.append(("top_p", lambda x: _top_p(x, settings.top_p)))
+    if settings.min_p > 0:
+        filters.append(("min_p", lambda x: _min_p(x, settings.min_p, settings.min_tokens_to_keep)))
+    if settings.top_k > 0:
+        filters.append(("top_k", lambda x: _top_k(x, settings.top_k)))
+    return filters
+
+
+def _top_p(logprobs: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep a token iff the tokens ranked above it hold less than ``top_p`` of the mass
+    (so the token that crosses the threshold is kept; ties at the threshold all are)."""
+    order = np.sort(logprobs)[::-1]
+    probs = np.exp(order)
+    mass_above = np.concatenate([[0.0], np.cumsum(probs)[:-1]])
+    threshold = order[mass_above < top_p * probs.sum()].min()
+    return np.where(logprobs < threshold, -np.inf, logprobs)
+
+
+def _min_p(logprobs: np.ndarray, min_p: float, min_tokens_to_keep: int) -> np.ndarray:
+    """Keep tokens with probability at least ``min_p`` times the top token's, and at
+    least the ``min_tokens_to_keep`` most likely."""
+    keep = logprobs >= logprobs.max() + np.log(min_p)
+    keep[np.argsort(logprobs)[::-1][:min_tokens_to_keep]] = True
+    return np.where(keep, logprobs, -np.inf)
+
+
+def _top_k(logprobs: np.ndarray, top_k: int) -> np.ndarray:
+    keep = np.zeros(logprobs.shape, dtype=bool)
+    keep[np.argsort(logprobs, kind="stable")[::-1][:top_k]] = True
+    return np.where(keep, logprobs, -np.inf)
+
+
+def support_is_stable(
+    logprobs: np.ndarray, settings: SamplerSettings, tolerance: float = SUPPORT_TOLERANCE
+) -> bool:
+    """Whether nudging each active threshold by ``tolerance`` leaves the support unchanged.
+
+    top_p moves by ``tolerance`` in probability mass, min_p by a factor e^tolerance, and
+    top_k must not separate two tokens whose logprobs are within ``tolerance`` (a near
+    tie at the k-th place). An unstable support could legitimately differ in an engine
+    whose arithmetic differs by that much, so cases use contexts where it is stable.
+    """
+    base = implied_distribution(logprobs, settings).support
+    nudged = []
+    if 0 < settings.top_p < 1:
+        nudged += [
+            replace(settings, top_p=min(max(settings.top_p + step, tolerance), 1 - tolerance))
+            for step in (-tolerance, tolerance)
+        ]
+    if settings.min_p > 0:
+        nudged += [
+            replace(settings, min_p=min(settings.min_p * math.exp(step), 1.0))
+            for step in (-tolerance, tolerance)
+        ]
+    ordered = np.sort(np.asarray(logprobs, dtype=np.float64).reshape(-1))[::-1]
+    k = settings.top_k
+    if 0 < k < len(ordered) and ordered[k - 1] - ordered[k] < tolerance:
+        nudged.append(replace(settings, top_k=k + 1))
+    return all(implied_distribution(logprobs, other).support == base for other in nudged)
 
 
 @dataclass(eq=False)
@@ -143,6 +253,7 @@ class ContextResult:
     adjusted_p_value: float  # Holm-adjusted p_value; 1.0 when not tested
     violations: list[SupportViolation]
     largest_deviations: list[CellDeviation]
+    support_size: int = 0  # tokens the settings allow here; 0 for a pooled aggregate
 
 
 @dataclass
@@ -153,7 +264,16 @@ class SamplerVerdict:
     alpha: float
     results: list[ContextResult]
     worst_context: str
-    diagnostic: str
+    diagnostic: str  # about the worst context: its support violations, else its fit
+    fit_diagnostic: str = ""  # about the worst fit test, whatever the support checks found
+
+    @property
+    def support_passed(self) -> bool:
+        return not self.violations
+
+    @property
+    def fit_passed(self) -> bool:
+        return all(r.adjusted_p_value > self.alpha for r in self.results)
 
     @property
     def p_values(self) -> dict[str, float]:
@@ -368,18 +488,22 @@ def judge(
                 adjusted_p_value=next(adjusted) if is_tested else 1.0,
                 violations=support_violations(members[0], describe_token) if check_support else [],
                 largest_deviations=sorted(fit.cells, key=lambda cell: -abs(cell.residual))[:3],
+                support_size=int(np.count_nonzero(members[0].probabilities))
+                if check_support
+                else 0,
             )
         )
     worst = worst_result(results)
-    passed = not any(r.violations for r in results) and all(
-        r.adjusted_p_value > alpha for r in results
-    )
+    fit_passed = all(r.adjusted_p_value > alpha for r in results)
+    passed = not any(r.violations for r in results) and fit_passed
+    worst_fit = min(results, key=lambda r: (r.adjusted_p_value, r.asymptotic_p_value))
     return SamplerVerdict(
         passed=passed,
         alpha=alpha,
         results=results,
         worst_context=worst.context,
         diagnostic=diagnose(worst, passed, alpha, sum(tested)),
+        fit_diagnostic=diagnose(replace(worst_fit, violations=[]), fit_passed, alpha, sum(tested)),
     )
 
 

@@ -98,6 +98,8 @@ def _compare_cases(
 
     if old.definition != new.definition:
         differ(f"the case definition changed (hash {old.definition} -> {new.definition})")
+    if old.not_replayable != new.not_replayable:
+        differ(f"replayable: {old.not_replayable!r} -> {new.not_replayable!r}")
     if old.verdict != new.verdict:
         differ(f"verdict of the engine on its own case: {old.verdict} -> {new.verdict}")
     for name in ("encode", "encode_chat"):
@@ -130,12 +132,16 @@ def _compare_answers(case_id, where, a: Answer, b: Answer, profile, decode, toke
     )
     if comparison.verdict == FAIL:
         result.differences.append(
-            Difference(case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now"))
+            Difference(
+                case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now")
+            )
         )
         return
     if comparison.verdict == NEAR_TIE:
         result.near_ties.append(
-            Difference(case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now"))
+            Difference(
+                case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now")
+            )
         )
     # Over the steps both sides share, everything that is not a float must be the same.
     for step in range(comparison.matched_steps):

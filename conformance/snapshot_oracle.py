@@ -10,13 +10,18 @@ dummy catalogue, for the reference and for every mutant).
 Nothing here imports MLX or the reference: this is what lets
 ``lmconform check --against snapshots`` run on machines without them.
 
-One limit: a request the snapshot never saw has no answer. That happens
+Limits: a request the snapshot never saw has no answer. That happens
 when a case's definition changed after the snapshot was taken (caught up
-front by its definition hash) and in the one check whose later requests are
-built from the engine's earlier answers (``prompt_cache``: the second turn
-continues the engine's first answer). An engine whose first answer already
-differs from the reference's fails that case either way; the snapshot
-oracle says why.
+front by its definition hash, the case is then skipped with the reason), and
+where a check builds requests from the engine's own outputs:
+
+- ``prompt_cache``: the second turn continues the engine's first answer. An
+  engine whose first answer differs from the reference's fails that case
+  either way; the snapshot oracle says why.
+- ``distribution`` cases over whole generations (speculative sampling) ask
+  for the reference's logprobs at every prefix the engine's draws reach, and
+  another engine's draws reach other prefixes than the reference's did.
+  These cases are skipped against snapshots (``missing`` says so).
 """
 
 from __future__ import annotations
@@ -127,9 +132,17 @@ class SnapshotOracle:
 
     def missing(self, case: Case) -> str | None:
         """Why ``case`` cannot be checked against these snapshots, or None if it can."""
+        if judges_engine_chosen_prefixes(case):
+            return (
+                f"{case.id} judges whole sampled generations at the prefixes the engine's own "
+                "draws reach, and a snapshot holds the reference's log-probabilities only "
+                "where the reference's draws went: check it against the live reference"
+            )
         stored = self.cases.get(case.id)
         if stored is None:
             return f"no snapshot of case {case.id} for {self.model} in {self.folder}"
+        if stored.not_replayable:
+            return f"{case.id}: {stored.not_replayable}"
         if stored.definition != case_definition(case):
             return (
                 f"the snapshot of {case.id} is out of date: the case changed in cases.toml "
@@ -178,6 +191,12 @@ class SnapshotOracle:
                 "an earlier answer of the engine that differs from the snapshot's, or the "
                 "snapshot is out of date"
             ) from None
+
+
+def judges_engine_chosen_prefixes(case: Case) -> bool:
+    """A distribution case over generations longer than one token (speculative sampling)."""
+    max_tokens = case.request.get("max_tokens", GenerateRequest().max_tokens)
+    return case.kind == "distribution" and int(max_tokens) > 1
 
 
 def _describe(request: GenerateRequest | ScoreRequest) -> str:

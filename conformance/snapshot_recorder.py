@@ -19,7 +19,9 @@ Two oracles can be recorded:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+
 import numpy as np
 
 from .catalogue import Case
@@ -30,6 +32,7 @@ from .protocol import GenerateRequest, ScoreRequest, Trace
 from .runner import run_case
 from .serialization import dumps
 from .snapshots import (
+    MAX_STORED_VOCABULARY,
     Answer,
     CaseSnapshot,
     Embedding,
@@ -89,9 +92,11 @@ class RecordingOracle:
     def start(self) -> None:
         self._inputs = Inputs()
         self._answers = {}
+        self._not_replayable = ""
 
-    def take(self) -> tuple[Inputs, list[Answer]]:
-        return self._inputs, list(self._answers.values())
+    def take(self) -> tuple[Inputs, list[Answer], str]:
+        """What the case asked and got, and why it cannot be replayed ("" if it can)."""
+        return self._inputs, list(self._answers.values()), self._not_replayable
 
     def encode(self, text: str) -> list[int]:
         ids = self._inputs.encode[text] = list(self.inner.encode(text))
@@ -112,12 +117,24 @@ class RecordingOracle:
 
     def answer(self, request: GenerateRequest, top: int = REFERENCE_TOP) -> Trace:
         trace = self.inner.answer(request, top)
-        if request.sampler.greedy:
+        if not request.sampler.greedy:
             # Sampled answers reach the oracle only as the engine's own draws (when the
             # engine under test is the oracle's engine): no check compares with them, and
             # they depend on the random generator of the MLX version. Not recorded.
-            asked = replace(request, top_logprobs=top, stream=True)
-            self._remember("generate", asked, top, trace)
+            return trace
+        stored, stored_top = trace, top
+        if top > REFERENCE_TOP and self.vocab_size > MAX_STORED_VOCABULARY:
+            stored_top = REFERENCE_TOP
+            stored = Trace(
+                [replace(e, top_logprobs=(e.top_logprobs or [])[:stored_top]) for e in trace.events]
+            )
+            self._not_replayable = (
+                f"the case needs the logprobs of all {self.vocab_size} tokens, which snapshots "
+                f"store only for vocabularies up to {MAX_STORED_VOCABULARY} tokens: check it "
+                "against the live reference"
+            )
+        asked = replace(request, top_logprobs=stored_top, stream=True)
+        self._remember("generate", asked, stored_top, stored)
         return trace
 
     def answer_score(self, request: ScoreRequest) -> Trace:
@@ -204,7 +221,7 @@ def record_case(
     """Run ``case`` with ``engine`` as the engine under test; its record and verdict."""
     oracle.start()
     result = run_case(case, engine, oracle, profile, timeout)
-    inputs, answers = oracle.take()
+    inputs, answers, not_replayable = oracle.take()
     return CaseSnapshot(
         case_id=case.id,
         kind=case.kind,
@@ -214,6 +231,7 @@ def record_case(
         conditioning=_conditioning(result.conditioning),
         inputs=inputs,
         answers=answers,
+        not_replayable=not_replayable,
     )
 
 
@@ -225,16 +243,16 @@ def record_group(
     engine_description: str,
     profile: PrecisionProfile,
     timeout: float | None = None,
+    progress: Callable[[Case, CaseSnapshot], None] | None = None,
 ) -> GroupSnapshot:
     """Every case of ``group`` (among ``cases``) recorded, with ``oracle.engine`` under test."""
-    chosen = [c for c in cases if c.group == group]
-    return GroupSnapshot(
-        model=model,
-        group=group,
-        engine=engine_description,
-        profile=profile.name,
-        cases={c.id: record_case(c, oracle.engine, oracle, profile, timeout) for c in chosen},
-    )
+    snapshot = GroupSnapshot(model, group, engine_description, profile.name, cases={})
+    for case in (c for c in cases if c.group == group):
+        record = record_case(case, oracle.engine, oracle, profile, timeout)
+        snapshot.cases[case.id] = record
+        if progress:
+            progress(case, record)
+    return snapshot
 
 
 def vocabulary_of(oracle) -> VocabularyData:

@@ -22,6 +22,12 @@ vectors are written as the shortest decimals that give back the same float32
 values, so a request built from them is bit-identical to the one recorded.
 The case's conditioning (the reference's smallest top-1/top-2 margin) and
 the verdict of the engine on its own case are recorded for the reader.
+
+Full-vocabulary answers (the distribution checks ask for every token's
+logprob) are stored whole only for vocabularies of up to
+``MAX_STORED_VOCABULARY`` tokens: on ``smollm2-135m`` (49,152 tokens) one
+would take 700 kB. Above that the answer keeps its top logprobs like any
+other, and the case says it cannot be replayed (``not_replayable``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ GOLDEN_DIR = Path(__file__).with_name("golden")
 VOCABULARY_FILE = "vocabulary.json.gz"
 GROUP_SUFFIX = ".json"
 LOGPROB_DECIMALS = 6
+MAX_STORED_VOCABULARY = 4096
 KEY_CHARS = 16  # hex digits of a request hash: collisions among a few hundred requests are moot
 
 
@@ -91,6 +98,8 @@ class CaseSnapshot:
     conditioning: dict[str, Any] | None
     inputs: Inputs
     answers: list[Answer]
+    # Why the answers cannot stand in for the engine's in a replayed check ("" if they can).
+    not_replayable: str = ""
 
 
 @dataclass
@@ -193,6 +202,7 @@ def _case_to_json(case: CaseSnapshot) -> dict[str, Any]:
         "definition": case.definition,
         "verdict": case.verdict,
         "conditioning": _rounded(case.conditioning),
+        **({"not_replayable": case.not_replayable} if case.not_replayable else {}),
         "inputs": inputs,
         "answers": [_answer_to_json(a) for a in case.answers],
     }
@@ -299,6 +309,7 @@ def _case_from_json(case_id: str, data: dict[str, Any]) -> CaseSnapshot:
         conditioning=data.get("conditioning"),
         inputs=inputs,
         answers=answers,
+        not_replayable=data.get("not_replayable", ""),
     )
 
 

@@ -18,6 +18,7 @@ from functools import cache
 
 import mlx.core as mx
 import numpy as np
+from sampler_mutants import SAMPLER_MUTANTS
 
 import reference
 from conformance.adapters.base import event_from_logprobs
@@ -115,6 +116,39 @@ class TopKOffByOne(Control):
 
     def sampler(self, s: SamplerSettings):
         return super().sampler(replace(s, top_k=s.top_k + 1) if s.top_k else s)
+
+
+class _BrokenSampler(Control):
+    """Samples with one of ``sampler_mutants.py``'s broken samplers (greedy stays greedy)."""
+
+    factory = "temperature twice"
+
+    def sampler(self, s: SamplerSettings):
+        if s.greedy:
+            return super().sampler(s)
+        broken = SAMPLER_MUTANTS[self.factory]
+        return broken(s.temp, s.top_p, s.min_p, s.min_tokens_to_keep, s.top_k)
+
+
+class TopPOneTooMany(_BrokenSampler):
+    name = "mutant-top-p-many"
+    bug = "top-p keeps one token more than the smallest set reaching top_p"
+    caught_by = ("sampling/top_p",)
+    factory = "top-p one token too many"
+
+
+class TopPOneTooFew(_BrokenSampler):
+    name = "mutant-top-p-few"
+    bug = "top-p keeps one token fewer than the smallest set reaching top_p"
+    caught_by = ("sampling/top_p",)
+    factory = "top-p one token too few"
+
+
+class MinPRelativeToOne(_BrokenSampler):
+    name = "mutant-min-p"
+    bug = "min-p compares probabilities with min_p itself, not min_p x the top probability"
+    caught_by = ("sampling/min_p",)
+    factory = "min-p relative to 1"
 
 
 class SeedIgnored(Control):
@@ -312,6 +346,9 @@ MUTANTS = [
     PenaltyWindowIgnored,
     TemperatureTwice,
     TopKOffByOne,
+    TopPOneTooMany,
+    TopPOneTooFew,
+    MinPRelativeToOne,
     SeedIgnored,
     BatchRowsSwapped,
     PaddingAttended,

@@ -2,7 +2,8 @@
 
 Each sampler factory has ``reference.make_sampler``'s signature and differs from it
 in exactly one way, a bug seen in real engines. ``test_sampler_stats.py`` checks that
-the sampler statistics fail each of them on at least one case.
+the catalogue's sampling cases (``conformance/cases.toml``), judged on batched draws of
+each, fail it by a wide margin.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def temperature_twice(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_
     """Divides the logprobs by the temperature twice (e.g. once in the engine, once in the
     sampler): the same as sampling at temp², since the filters see untempered logprobs."""
     return reference.make_sampler(temp * temp, top_p, min_p, min_tokens_to_keep, top_k)
+
+
+def top_k_one_too_many(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Keeps k + 1 tokens (argpartition at kth=k instead of k - 1)."""
+    return reference.make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k + 1 if top_k else 0)
 
 
 def top_p_off_by(extra: int):
@@ -99,6 +105,7 @@ def min_p_after_temperature(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1
 
 SAMPLER_MUTANTS = {
     "temperature twice": temperature_twice,
+    "top-k one token too many": top_k_one_too_many,
     "top-p one token too many": top_p_one_too_many,
     "top-p one token too few": top_p_one_too_few,
     "min-p relative to 1": min_p_relative_to_one,

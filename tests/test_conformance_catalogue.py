@@ -146,7 +146,6 @@ def test_selection_by_model_and_pattern():
         "greedy/hello",
         "sampling/top_k",
         "sampling/top_p",
-        "sampling/top_p_with_temperature",
     }
     assert select_cases(cases, "smollm2-135m", "greedy/hello") == []
 

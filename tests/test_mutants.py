@@ -35,6 +35,18 @@ MLX_LM_KNOWN_DEVIATIONS = {
 }
 
 
+# The finding that must fail, where a case makes several: a sampler bug must be caught
+# by the check that concerns it (frequencies, or the hard support check naming the rule).
+FAILING_CHECK = {
+    "TemperatureTwice": ("frequencies", "Holm-adjusted"),
+    "TopKOffByOne": ("support", "excluded by top_k"),
+    "TopPOneTooMany": ("support", "excluded by top_p"),
+    "TopPOneTooFew": ("frequencies", "Holm-adjusted"),
+    "MinPRelativeToOne": ("frequencies", "Holm-adjusted"),
+    "SeedIgnored": ("same seed, same tokens", "gave different tokens on a second run"),
+}
+
+
 def test_there_are_at_least_12_mutants_each_with_a_bug_and_a_case():
     assert len(MUTANTS) >= 12
     ids = {c.id for c in load_cases()}
@@ -53,6 +65,12 @@ def test_every_mutant_is_caught_by_the_case_that_names_its_bug(mutant):
         assert not result.reason.startswith(("catalogue", "timeout")), result.reason
         # The failure comes with an account: a failing finding, or the protocol rule broken.
         assert result.failures() or result.reason.startswith("protocol violation"), result.reason
+        if mutant.__name__ in FAILING_CHECK:
+            check, words = FAILING_CHECK[mutant.__name__]
+            failed = {f.check: f.summary for f in result.failures()}
+            assert check in failed and words in failed[check], failed
+            if check == "frequencies":  # a reweighted support is not a support violation
+                assert "support" not in failed, failed
 
 
 def test_the_unbroken_wrapper_passes_the_whole_dummy_catalogue():

@@ -67,7 +67,9 @@ def engine_class(spec: str) -> type:
             )
         target = BUILTIN_ADAPTERS[spec].target
     elif spec.startswith("cmd:"):
-        raise EngineUnavailable("cmd: engines (JSON-lines over stdin/stdout) are not available yet")
+        from .cmd import CmdEngine  # an engine in another process, over JSON lines
+
+        return CmdEngine.bind(spec.removeprefix("cmd:"))
     elif ":" in spec:
         target = spec
     else:

@@ -1,0 +1,197 @@
+"""A child process spoken to in lines, where nothing can block past a deadline.
+
+An external engine may crash, hang, flood its output or stop reading its
+input. So nothing here waits without a deadline:
+
+- a thread reads stdout line by line into a queue; the caller takes lines
+  with a timeout (a line longer than ``MAX_LINE`` bytes is an error, not
+  unbounded memory);
+- another thread keeps the last lines of stderr (the "stderr tail" every
+  failure report shows);
+- writes go to a non-blocking stdin, a chunk at a time, each waiting at most
+  until the deadline for the pipe to accept it (an engine that never reads
+  cannot block the suite on a full pipe).
+
+Failures are ``EngineCrashed`` (the process is gone), ``EngineHung`` (no
+answer before the deadline) and ``ProtocolError`` (a line that cannot be a
+message), each carrying the stderr tail.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import selectors
+import signal
+import subprocess
+import threading
+import time
+
+from ..deadline import CaseTimeout
+from ..protocol import ProtocolError
+
+MAX_LINE = 64 * 1024 * 1024  # bytes; a full-vocabulary logprob event is well under 1 MB
+STDERR_LINES = 20
+_EOF = object()
+
+
+class EngineFailure(Exception):
+    """The engine process failed, rather than breaking a rule of the protocol."""
+
+
+class EngineCrashed(EngineFailure):
+    """The engine process exited (or closed its output) in the middle of the conversation."""
+
+
+class EngineHung(CaseTimeout):
+    """The engine did not answer (or read) within the time allowed."""
+
+
+class LineProcess:
+    """``argv`` started with pipes on stdin, stdout and stderr."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+        self.argv = argv
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            # Its own process group: killing it also kills what it started (a shell's child).
+            start_new_session=os.name == "posix",
+        )
+        self._lines: queue.Queue = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self._stdout_reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stdout_reader.start()
+        self._stderr_reader.start()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _read_stdout(self) -> None:
+        stream = self.process.stdout
+        try:
+            while True:
+                line = stream.readline(MAX_LINE + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE:
+                    self._lines.put(ProtocolError(f"a line longer than {MAX_LINE} bytes"))
+                    break
+                self._lines.put(line)
+        except (OSError, ValueError):  # the pipe was closed under us (kill)
+            pass
+        self._lines.put(_EOF)
+
+    def _read_stderr(self) -> None:
+        try:
+            for raw in self.process.stderr:
+                self._stderr.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+
+    def receive(self, deadline: float, waiting_for: str) -> str:
+        """The next line of stdout (without its newline), or an error by ``deadline``."""
+        remaining = deadline - time.monotonic()
+        try:
+            item = self._lines.get(timeout=max(remaining, 0.0))
+        except queue.Empty:
+            raise EngineHung(
+                f"no answer from the engine within the time allowed while waiting for "
+                f"{waiting_for}{self.stderr_report()}"
+            ) from None
+        if item is _EOF:
+            self._lines.put(_EOF)  # later calls see the end too
+            raise EngineCrashed(
+                f"the engine closed its output while we waited for {waiting_for} "
+                f"({self.exit_status()}){self.stderr_report()}"
+            )
+        if isinstance(item, Exception):
+            raise ProtocolError(f"{item} while waiting for {waiting_for}{self.stderr_report()}")
+        try:
+            return item.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise ProtocolError(
+                f"a line that is not UTF-8 ({error}) while waiting for {waiting_for}"
+                f"{self.stderr_report()}"
+            ) from None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(self, line: str, deadline: float) -> None:
+        """Write ``line`` and a newline to stdin, giving up at ``deadline``."""
+        data = memoryview((line + "\n").encode("utf-8"))
+        fd = self.process.stdin.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_WRITE)
+            while data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise EngineHung(f"the engine stopped reading its input{self.stderr_report()}")
+                try:
+                    written = os.write(fd, data)
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, OSError):
+                    raise EngineCrashed(
+                        f"the engine closed its input ({self.exit_status()}){self.stderr_report()}"
+                    ) from None
+                data = data[written:]
+
+    # -- state and shutdown ---------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exit_status(self, wait: float = 1.0) -> str:
+        try:
+            status = self.process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return "the process is still running"
+        return f"the process exited with status {status}"
+
+    def stderr_tail(self) -> str:
+        if not self.alive():
+            # A process that died may have written its last words just before: read them.
+            self._stderr_reader.join(timeout=1.0)
+        return "\n".join(self._stderr)
+
+    def stderr_report(self) -> str:
+        tail = self.stderr_tail()
+        if not tail:
+            return "; the engine wrote nothing to stderr"
+        return "; the engine's stderr ends with:\n" + "\n".join(
+            "  | " + t for t in tail.splitlines()
+        )
+
+    def kill(self) -> None:
+        if self.alive():
+            try:
+                if os.name == "posix":
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                else:
+                    self.process.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        # Only stdin is closed here: closing stdout or stderr would wait for the reader
+        # threads, which end by themselves at end of file.
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+    def close(self, grace: float) -> None:
+        """Let the process finish on its own for ``grace`` seconds, then kill it."""
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()

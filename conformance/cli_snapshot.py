@@ -1,0 +1,102 @@
+"""``lmconform snapshot``: store an engine's answers to the catalogue, for regression checks.
+
+Runs every selected case with the engine playing both parts (engine under
+test and oracle) and writes what the cases asked and got to
+``OUT/<model>/<group>.json`` (see ``snapshots.py``). Later,
+``lmconform check --engine E --against OUT`` compares the engine (or a new
+version of it) with those answers, tie-aware, without running anything else.
+
+For ``--engine reference`` this is how the committed golden snapshots are
+made (the reference tokenizes and embeds the prompts). For any other engine
+the prompts' token ids and embeddings come from the committed golden
+snapshots, so the engine is snapshotted on exactly the requests the
+reference answered, and neither MLX nor the reference is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODELS = ("dummy",)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "snapshot",
+        help="store an engine's answers to the case catalogue (for check --against DIR)",
+        description=" ".join(__doc__.split("\n\n")[1].split()),
+    )
+    parser.add_argument(
+        "--engine",
+        default="reference",
+        help="reference (default), mlx-lm, transformers, module:Class or 'cmd:COMMAND LINE'",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        help=f"model name (repeatable; default: {', '.join(DEFAULT_MODELS)})",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write to")
+    parser.add_argument("--cases", help="case ids: substrings or globs, comma-separated")
+    parser.add_argument("--profile", help="precision profile recorded with the snapshots")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="time limit per case in seconds (default 600)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .adapters import EngineUnavailable, open_engine
+    from .catalogue import load_cases, select_cases
+    from .runner import not_covered
+    from .snapshot_oracle import SnapshotOracle
+    from .snapshot_recorder import EngineOracle, RecordingOracle, record_group, vocabulary_of
+    from .snapshots import GOLDEN_DIR, SnapshotError, read_vocabulary, write_group, write_vocabulary
+
+    out = Path(args.out)
+    catalogue = load_cases()
+    status = 0
+    for model in args.model or list(DEFAULT_MODELS):
+        cases = select_cases(catalogue, model, args.cases)
+        if not cases:
+            continue
+        try:
+            if args.engine == "reference":
+                from .oracle import ReferenceOracle
+
+                inner = ReferenceOracle(model)
+                vocabulary = vocabulary_of(inner)
+            else:
+                inputs = SnapshotOracle(model, GOLDEN_DIR)
+                skipped = not_covered(inputs, cases)
+                for case_id, why in skipped.items():
+                    print(f"lmconform snapshot: skipping {case_id}: {why}", file=sys.stderr)
+                cases = [c for c in cases if c.id not in skipped]
+                inner = EngineOracle(inputs, open_engine(args.engine, model))
+                vocabulary = read_vocabulary(GOLDEN_DIR, model)
+        except (EngineUnavailable, SnapshotError) as error:
+            print(f"lmconform snapshot: {args.engine} @ {model}: {error}", file=sys.stderr)
+            status = 2
+            continue
+        oracle = RecordingOracle(inner)
+        profile = oracle.default_profile(args.profile)
+        print(f"lmconform snapshot: {args.engine} @ {model}, {len(cases)} cases", file=sys.stderr)
+        try:
+            write_vocabulary(out, vocabulary)
+            for group in dict.fromkeys(c.group for c in cases):
+                snapshot = record_group(
+                    model, group, cases, oracle, args.engine, profile, args.timeout, _progress
+                )
+                print(write_group(out, snapshot))
+        finally:
+            oracle.close()
+    return status
+
+
+def _progress(case, record) -> None:
+    print(
+        f"  {case.id}: {len(record.answers)} answers, own verdict {record.verdict}",
+        file=sys.stderr,
+    )
