@@ -17,7 +17,7 @@ field tables are checked against the dataclasses here by the tests.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .protocol import (
@@ -104,7 +104,6 @@ class Message:
     body: Any
     id: str | None = None
     row: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def encode(body: Any, id: str | None = None, row: int | None = None) -> str:
@@ -123,7 +122,9 @@ def decode(line: str) -> Message:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ProtocolError(f"malformed JSON ({error.msg} at column {error.colno}): {line[:200]!r}")
+        raise ProtocolError(
+            f"malformed JSON ({error.msg} at column {error.colno}): {line[:200]!r}"
+        ) from None
     if not isinstance(data, dict):
         raise ProtocolError(f"a message must be a JSON object, got {line[:200]!r}")
     kind = data.get("type")

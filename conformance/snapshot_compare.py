@@ -132,16 +132,12 @@ def _compare_answers(case_id, where, a: Answer, b: Answer, profile, decode, toke
     )
     if comparison.verdict == FAIL:
         result.differences.append(
-            Difference(
-                case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now")
-            )
+            Difference(case_id, f"{where}:", comparison.render("snapshot", "now"))
         )
         return
     if comparison.verdict == NEAR_TIE:
         result.near_ties.append(
-            Difference(
-                case_id, f"{where}: {comparison.summary}", comparison.render("snapshot", "now")
-            )
+            Difference(case_id, f"{where}:", comparison.render("snapshot", "now"))
         )
     # Over the steps both sides share, everything that is not a float must be the same.
     for step in range(comparison.matched_steps):

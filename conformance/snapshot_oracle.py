@@ -21,7 +21,9 @@ where a check builds requests from the engine's own outputs:
 - ``distribution`` cases over whole generations (speculative sampling) ask
   for the reference's logprobs at every prefix the engine's draws reach, and
   another engine's draws reach other prefixes than the reference's did.
-  These cases are skipped against snapshots (``missing`` says so).
+
+Snapshots mark such cases (and those needing more logprobs than a snapshot
+stores) ``not_replayable``; they are skipped, and ``missing`` says why.
 """
 
 from __future__ import annotations
@@ -132,12 +134,6 @@ class SnapshotOracle:
 
     def missing(self, case: Case) -> str | None:
         """Why ``case`` cannot be checked against these snapshots, or None if it can."""
-        if judges_engine_chosen_prefixes(case):
-            return (
-                f"{case.id} judges whole sampled generations at the prefixes the engine's own "
-                "draws reach, and a snapshot holds the reference's log-probabilities only "
-                "where the reference's draws went: check it against the live reference"
-            )
         stored = self.cases.get(case.id)
         if stored is None:
             return f"no snapshot of case {case.id} for {self.model} in {self.folder}"
@@ -191,12 +187,6 @@ class SnapshotOracle:
                 "an earlier answer of the engine that differs from the snapshot's, or the "
                 "snapshot is out of date"
             ) from None
-
-
-def judges_engine_chosen_prefixes(case: Case) -> bool:
-    """A distribution case over generations longer than one token (speculative sampling)."""
-    max_tokens = case.request.get("max_tokens", GenerateRequest().max_tokens)
-    return case.kind == "distribution" and int(max_tokens) > 1
 
 
 def _describe(request: GenerateRequest | ScoreRequest) -> str:

@@ -48,13 +48,12 @@ from .snapshots import (
 class RecordingOracle:
     """An oracle that passes every question on to ``inner`` and records question and answer.
 
-    ``start(case)`` begins a new record; ``take()`` returns it.
+    ``start()`` begins a new record (one per case); ``take()`` returns it.
     """
 
     def __init__(self, inner):
         self.inner = inner
-        self._inputs = Inputs()
-        self._answers: dict[str, Answer] = {}
+        self.start()
 
     # -- what stays the inner oracle's ------------------------------------------------
 
@@ -91,7 +90,7 @@ class RecordingOracle:
 
     def start(self) -> None:
         self._inputs = Inputs()
-        self._answers = {}
+        self._answers: dict[str, Answer] = {}
         self._not_replayable = ""
 
     def take(self) -> tuple[Inputs, list[Answer], str]:
@@ -222,6 +221,15 @@ def record_case(
     oracle.start()
     result = run_case(case, engine, oracle, profile, timeout)
     inputs, answers, not_replayable = oracle.take()
+    if judges_engine_chosen_prefixes(case):
+        # Which prefixes were asked about depends on the engine's random draws (and so on
+        # the random generator of its version): only the verdict is kept.
+        answers = []
+        not_replayable = (
+            "it judges whole sampled generations at the prefixes the engine's own draws "
+            "reach, and a snapshot cannot know those in advance: check it against the live "
+            "reference"
+        )
     return CaseSnapshot(
         case_id=case.id,
         kind=case.kind,
@@ -233,6 +241,12 @@ def record_case(
         answers=answers,
         not_replayable=not_replayable,
     )
+
+
+def judges_engine_chosen_prefixes(case: Case) -> bool:
+    """A distribution case over generations longer than one token (speculative sampling)."""
+    max_tokens = case.request.get("max_tokens", GenerateRequest().max_tokens)
+    return case.kind == "distribution" and int(max_tokens) > 1
 
 
 def record_group(

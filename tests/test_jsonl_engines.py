@@ -202,10 +202,20 @@ def test_an_answer_to_another_request_is_a_protocol_violation():
     assert re.search(r"got a 'event' message for request 'not-r\d+'", result.reason)
 
 
-def test_an_unsupported_error_makes_the_case_unsupported():
-    (result,) = check(["greedy/hello"], faulty("unsupported"))
-    assert result.verdict == "unsupported"
-    assert "this engine generates nothing" in result.reason
+def test_an_unsupported_error_makes_the_case_unsupported_and_keeps_the_process():
+    engine = faulty("unsupported")
+    process = engine._process
+    oracle = dummy_oracle()
+    try:
+        results = [
+            run_case(dummy_case(c), engine, oracle, oracle.default_profile())
+            for c in ("greedy/hello", "greedy/fox")
+        ]
+        assert engine._process is process  # an error message leaves the conversation in step
+    finally:
+        engine.close()
+    assert [r.verdict for r in results] == ["unsupported", "unsupported"]
+    assert "this engine generates nothing" in results[0].reason
 
 
 def test_an_engine_that_dies_before_its_hello_cannot_be_opened():

@@ -138,6 +138,9 @@ class CmdEngine(Engine):
                     yield event
                     return
                 yield event
+        except (Unsupported, EngineError):
+            finished = True  # the engine ended the request with an error: still in step
+            raise
         finally:
             if not finished:
                 self._discard()
@@ -169,6 +172,8 @@ class CmdEngine(Engine):
                         f"request {request_id}: row {row} reached max_tokens "
                         "without a finish_reason",
                     )
+        except (Unsupported, EngineError):
+            raise  # the engine ended the request with an error: still in step
         except BaseException:
             self._discard()
             raise
@@ -183,6 +188,8 @@ class CmdEngine(Engine):
             trace: Trace = self._receive(process, request_id, "trace", deadline).body
             for step, event in enumerate(trace.events):
                 self._check_event(process, event, step, request_id)
+        except (Unsupported, EngineError):
+            raise  # the engine ended the request with an error: still in step
         except BaseException:
             self._discard()
             raise
@@ -310,7 +317,7 @@ class CmdEngine(Engine):
                 raise Unsupported(f"{self.name}: {error.message}")
             raise EngineError(
                 f"the engine answered {waiting_for} with an error ({error.kind}): "
-                f"{error.message}{process.stderr_report()}"
+                f"{error.message}{process.stderr_report(final=False)}"
             )
         if message.type != kind or message.id != request_id:
             raise self._violation(

@@ -106,9 +106,10 @@ class LineProcess:
             ) from None
         if item is _EOF:
             self._lines.put(_EOF)  # later calls see the end too
+            status = self.exit_status()
             raise EngineCrashed(
                 f"the engine closed its output while we waited for {waiting_for} "
-                f"({self.exit_status()}){self.stderr_report()}"
+                f"({status}){self.stderr_report()}"
             )
         if isinstance(item, Exception):
             raise ProtocolError(f"{item} while waiting for {waiting_for}{self.stderr_report()}")
@@ -136,9 +137,10 @@ class LineProcess:
                     written = os.write(fd, data)
                 except BlockingIOError:
                     continue
-                except (BrokenPipeError, OSError):
+                except OSError:  # BrokenPipeError among them
+                    status = self.exit_status()
                     raise EngineCrashed(
-                        f"the engine closed its input ({self.exit_status()}){self.stderr_report()}"
+                        f"the engine closed its input ({status}){self.stderr_report()}"
                     ) from None
                 data = data[written:]
 
@@ -155,18 +157,36 @@ class LineProcess:
         return f"the process exited with status {status}"
 
     def stderr_tail(self) -> str:
-        if not self.alive():
-            # A process that died may have written its last words just before: read them.
-            self._stderr_reader.join(timeout=1.0)
         return "\n".join(self._stderr)
 
-    def stderr_report(self) -> str:
+    def stderr_report(self, final: bool = True) -> str:
+        """The stderr tail, formatted for a failure report.
+
+        ``final``: the process is done for (every failure but an ``error`` message):
+        it is killed first, so that everything it wrote to stderr, up to its last
+        moment, is read before the tail is taken. Otherwise the tail is taken once
+        stderr has been quiet for a moment (the engine goes on running).
+        """
+        if final:
+            self.kill()
+            self._stderr_reader.join(timeout=1.0)
+        else:
+            self._settle_stderr()
         tail = self.stderr_tail()
         if not tail:
             return "; the engine wrote nothing to stderr"
-        return "; the engine's stderr ends with:\n" + "\n".join(
-            "  | " + t for t in tail.splitlines()
-        )
+        lines = "\n".join("  | " + line for line in tail.splitlines())
+        return "; the engine's stderr ends with:\n" + lines
+
+    def _settle_stderr(self, quiet: float = 0.05, limit: float = 0.5) -> None:
+        end = time.monotonic() + limit
+        seen = len(self._stderr), self._stderr[-1] if self._stderr else None
+        while time.monotonic() < end:
+            time.sleep(quiet)
+            now = len(self._stderr), self._stderr[-1] if self._stderr else None
+            if now == seen:
+                return
+            seen = now
 
     def kill(self) -> None:
         if self.alive():
