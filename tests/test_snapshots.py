@@ -6,12 +6,8 @@ catalogue is run on the reference and compared, tie-aware, with
 ``conformance/golden/<model>/<group>.json``. ``pytest --snapshot-update``
 rewrites the groups that changed.
 
-On ``smollm2-135m`` the whole catalogue takes about a minute of CPU time (MLX
-decodes ~6 tokens/s here), so CI runs only the groups in ``SMOLLM2_LIVE``;
-the other smollm2 groups are skipped (their files are kept, not reported
-unused) unless ``LMCONFORM_GOLDEN_ALL=1`` is set, e.g. to regenerate them::
-
-    LMCONFORM_GOLDEN_ALL=1 pytest tests/test_snapshots.py --snapshot-update
+Every group of both models runs (on ``smollm2-135m`` about two minutes of
+CPU here: MLX decodes ~6 tokens/s).
 
 The other tests prove that checking against snapshots gives the verdicts of
 a live comparison, and that it needs neither MLX nor the reference.
@@ -21,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -59,8 +54,6 @@ from conformance.snapshots import (
 from conformance.syrupy_extension import GoldenSnapshotExtension
 
 MODELS = ("dummy", "smollm2-135m")
-SMOLLM2_LIVE = ("greedy", "score", "text")  # about 20 s of the catalogue's ~70 s
-ALL = os.environ.get("LMCONFORM_GOLDEN_ALL") == "1"
 
 
 def catalogue_groups(model: str) -> list[str]:
@@ -71,11 +64,7 @@ def golden_params():
     params = []
     for model in MODELS:
         for group in catalogue_groups(model):
-            marks = []
-            if model == "smollm2-135m":
-                marks.append(pytest.mark.smollm)
-                if group not in SMOLLM2_LIVE and not ALL:
-                    marks.append(pytest.mark.skip(reason="slow on CPU; LMCONFORM_GOLDEN_ALL=1"))
+            marks = [pytest.mark.smollm] if model == "smollm2-135m" else []
             params.append(pytest.param(model, group, marks=marks, id=f"{model}-{group}"))
     return params
 
