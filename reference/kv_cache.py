@@ -21,7 +21,30 @@ from typing import Any
 import mlx.core as mx
 
 
-class KVCache:
+class StoredKeys:
+    """What every single-sequence cache shares: rebuilding from saved state, and its size.
+
+    ``meta_state`` holds the offset plus the constructor's arguments, so one
+    ``from_state`` serves every cache class.
+    """
+
+    keys: mx.array | None
+    values: mx.array | None
+    offset: int
+
+    @classmethod
+    def from_state(cls, state, meta: dict[str, Any]):
+        cache = cls(**{k: v for k, v in meta.items() if k != "offset"})
+        cache.keys, cache.values = state
+        cache.offset = meta["offset"]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(StoredKeys):
     """Grows without bound; storage grows in ``step``-sized blocks to avoid copies."""
 
     step = 256
@@ -80,19 +103,8 @@ class KVCache:
     def meta_state(self) -> dict[str, Any]:
         return {"offset": self.offset}
 
-    @classmethod
-    def from_state(cls, state, meta: dict[str, Any]) -> KVCache:
-        cache = cls()
-        cache.keys, cache.values = state
-        cache.offset = meta["offset"]
-        return cache
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-class RotatingKVCache:
+class RotatingKVCache(StoredKeys):
     """Keeps the first ``keep`` positions and a sliding window of recent ones.
 
     Semantics (exact, independent of how the input was chunked): the query at
@@ -176,17 +188,6 @@ class RotatingKVCache:
     @property
     def meta_state(self) -> dict[str, Any]:
         return {"offset": self.offset, "max_size": self.max_size, "keep": self.keep}
-
-    @classmethod
-    def from_state(cls, state, meta: dict[str, Any]) -> RotatingKVCache:
-        cache = cls(meta["max_size"], meta["keep"])
-        cache.keys, cache.values = state
-        cache.offset = meta["offset"]
-        return cache
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}

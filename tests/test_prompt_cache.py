@@ -117,3 +117,19 @@ def test_max_kv_size_windows_keep_room_beyond_sinks(loaded_models):
     small, large = make_prompt_cache(model, max_kv_size=4), make_prompt_cache(model, max_kv_size=64)
     assert (small[0].max_size, small[0].keep) == (4, 2)
     assert (large[0].max_size, large[0].keep) == (64, 4)
+
+
+def test_rotating_cache_save_load_keeps_window_and_continues_identically(loaded_models, tmp_path):
+    model, tokenizer = loaded_models("dummy")
+    prompt = tokenizer.encode(" ".join(STANDARD_PROMPTS))[:20]
+    cache = make_prompt_cache(model, max_kv_size=8)
+    first = run(model, prompt, 4, cache)
+    path = tmp_path / "rotating.safetensors"
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert all(isinstance(c, RotatingKVCache) for c in loaded)
+    assert [(c.max_size, c.keep, c.offset) for c in loaded] == [
+        (c.max_size, c.keep, c.offset) for c in cache
+    ]
+    token = [first[-1][0]]
+    assert_same(run(model, token, 4, loaded), run(model, token, 4, cache), atol=0)
