@@ -100,8 +100,8 @@ def generate_step(
     def step(tokens: mx.array, embeddings: mx.array | None = None):
         embeddings = embeddings[None] if embeddings is not None else None
         logits = model(tokens[None], cache=prompt_cache, input_embeddings=embeddings)[:, -1, :]
+        remember(tokens)
         if logits_processors and tokens.size:
-            remember(tokens)
             for processor in logits_processors:
                 logits = processor(seen, logits)
         logprobs = log_softmax(logits)
