@@ -28,6 +28,6 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check reference conformance benchmarks tests
+	$(BIN)/ruff check reference engines conformance benchmarks lmconform tests
 
 .PHONY: install run test lint

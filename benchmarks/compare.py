@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .fingerprint import HARDWARE_FIELDS
-from .history import History, Run, Sample
-from .report import Table
-from .stats import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT, REGRESSED, Verdict, compare_samples
-from .workloads import metric
+from benchmarks.fingerprint import HARDWARE_FIELDS
+from benchmarks.history import History, Run, Sample
+from benchmarks.report import Table
+from benchmarks.stats import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT, REGRESSED, Verdict, compare_samples
+from benchmarks.workloads import metric
 
 
 class DifferentMachines(Exception):

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import lru_cache
 
-from . import memory
-from .model_folders import exported_folder, gguf_file
+from benchmarks import memory
+from benchmarks.model_folders import exported_folder, gguf_file
 
 OnToken = Callable[..., None]  # on_token(from_draft: bool = False)
 OnStep = Callable[[int], None]  # on_step(tokens produced by this batched step)

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
-from .fingerprint import Fingerprint
-from .revision import Revision
-from .workloads import metric as metric_info
+from benchmarks.fingerprint import Fingerprint
+from benchmarks.revision import Revision
+from benchmarks.workloads import metric as metric_info
 
 DEFAULT_DB = Path(".lmconform") / "history.sqlite"
 SCHEMA_VERSION = 1

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .fingerprint import Fingerprint
-from .history import History
-from .revision import Revision
+from benchmarks.fingerprint import Fingerprint
+from benchmarks.history import History
+from benchmarks.revision import Revision
 
 SOURCE = "pytest-benchmark"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median, quantiles
 
-from .history import History
-from .report import Table, fmt
-from .workloads import metric as metric_info
+from benchmarks.history import History
+from benchmarks.report import Table, fmt
+from benchmarks.workloads import metric as metric_info
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from statistics import median, quantiles
 
-from . import roofline
-from .history import Sample
-from .workloads import metric
+from benchmarks import roofline
+from benchmarks.history import Sample
+from benchmarks.workloads import metric
 
 REFERENCE = "reference"
 

@@ -19,10 +19,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import fingerprint, revision, roofline
-from .engines import INSTALL_HINTS, BenchEngine
-from .history import History
-from .workloads import Workload, metric
+from benchmarks import fingerprint, revision, roofline
+from benchmarks.engines import INSTALL_HINTS, BenchEngine
+from benchmarks.history import History
+from benchmarks.workloads import Workload, metric
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .engines import BenchEngine
+    from benchmarks.engines import BenchEngine
 
 
 @dataclass(frozen=True)

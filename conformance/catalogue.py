@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .protocol import DraftSettings, GenerateRequest, ProcessorSettings, SamplerSettings
+from engines.protocol import DraftSettings, GenerateRequest, ProcessorSettings, SamplerSettings
 
 CASES_FILE = Path(__file__).with_name("cases.toml")
 KINDS = (

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .profiles import PrecisionProfile
-from .protocol import TokenEvent, Trace
+from conformance.profiles import PrecisionProfile
+from engines.protocol import TokenEvent, Trace
 
 Decode = Callable[[list[int]], str]
 TokenText = Callable[[int], str]

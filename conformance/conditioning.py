@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .protocol import Trace
+from engines.protocol import Trace
 
 
 @dataclass

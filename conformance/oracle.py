@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from .adapters import open_engine
-from .profiles import PrecisionProfile, profile_for_model
-from .protocol import GenerateRequest, ScoreRequest, Trace
-from .serialization import dumps
+from conformance.profiles import PrecisionProfile, profile_for_model
+from engines.protocol import GenerateRequest, ScoreRequest, Trace
+from engines.registry import open_engine
+from engines.serialization import dumps
 
 REFERENCE_TOP = 20
 

@@ -61,7 +61,7 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
 def pytest_generate_tests(metafunc) -> None:
     if "conformance_case" not in metafunc.fixturenames:
         return
-    from .catalogue import load_cases, select_cases
+    from conformance.catalogue import load_cases, select_cases
 
     config = metafunc.config
     engines = config.getoption("engine") or ["reference"]
@@ -86,8 +86,8 @@ class ConformanceSession:
 
     def oracle(self, model: str):
         """The oracle (live reference or snapshots), or why there is none (a string)."""
-        from .runner import open_oracle
-        from .snapshots import SnapshotError
+        from conformance.runner import open_oracle
+        from conformance.snapshots.store import SnapshotError
 
         if model not in self.oracles:
             try:
@@ -98,7 +98,7 @@ class ConformanceSession:
 
     def engine(self, spec: str, model: str):
         """The opened engine, or the reason it cannot be used (a string)."""
-        from .adapters import EngineUnavailable, open_engine
+        from engines.registry import EngineUnavailable, open_engine
 
         key = (spec, model)
         if key not in self.engines:
@@ -133,7 +133,7 @@ def conformance_session(request):
 @pytest.fixture
 def conformance_result(conformance_case, conformance_session, request):
     """Runs the case (skipping when the engine is unavailable); ``judge`` gives the outcome."""
-    from .runner import not_covered, run_case
+    from conformance.runner import not_covered, run_case
 
     spec, model, case = conformance_case
     engine = conformance_session.engine(spec, model)
@@ -151,9 +151,9 @@ def conformance_result(conformance_case, conformance_session, request):
 
 def judge(result) -> None:
     """The pytest outcome of a case result: the same verdict the CLI prints."""
-    from .comparator import FAIL, NEAR_TIE
-    from .report import format_problems
-    from .runner import UNSUPPORTED
+    from conformance.comparator import FAIL, NEAR_TIE
+    from conformance.report import format_problems
+    from conformance.runner import UNSUPPORTED
 
     if result.verdict == UNSUPPORTED:
         pytest.skip(result.reason)

@@ -16,9 +16,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .comparator import FAIL, NEAR_TIE, PASS
-from .profiles import PROFILES
-from .runner import SKIPPED, UNSUPPORTED, CaseResult
+from conformance.comparator import FAIL, NEAR_TIE, PASS
+from conformance.profiles import PROFILES
+from conformance.runner import SKIPPED, UNSUPPORTED, CaseResult
 
 CELL = {
     PASS: "pass",

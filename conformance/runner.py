@@ -21,19 +21,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import EngineUnavailable, open_engine
-from .adapters.line_process import EngineFailure
-from .catalogue import Case, CatalogueError, load_cases, select_cases
-from .checks import CHECKS
-from .checks.context import CaseContext, Finding
-from .comparator import FAIL, NEAR_TIE, PASS
-from .conditioning import Conditioning
-from .deadline import CaseTimeout, deadline
-from .oracle import ReferenceOracle
-from .profiles import PrecisionProfile, profile_for_model
-from .protocol import ProtocolError, Unsupported
-from .snapshot_oracle import SnapshotOracle
-from .snapshots import GOLDEN_DIR, SnapshotError
+from conformance.catalogue import Case, CatalogueError, load_cases, select_cases
+from conformance.checks import CHECKS
+from conformance.checks.context import CaseContext, Finding
+from conformance.comparator import FAIL, NEAR_TIE, PASS
+from conformance.conditioning import Conditioning
+from conformance.oracle import ReferenceOracle
+from conformance.profiles import PrecisionProfile, profile_for_model
+from conformance.snapshots.oracle import SnapshotOracle
+from conformance.snapshots.store import GOLDEN_DIR, SnapshotError
+from engines.adapters.line_process import EngineFailure
+from engines.deadline import CaseTimeout, deadline
+from engines.protocol import ProtocolError, Unsupported
+from engines.registry import EngineUnavailable, open_engine
 
 UNSUPPORTED = "unsupported"
 SKIPPED = "skipped"  # the engine itself could not be used (not installed)

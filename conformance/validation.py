@@ -15,7 +15,7 @@ import itertools
 import math
 from collections.abc import Callable
 
-from .protocol import FINISH_REASONS, GenerateRequest, ProtocolError, ScoreRequest, Trace
+from engines.protocol import FINISH_REASONS, GenerateRequest, ProtocolError, ScoreRequest, Trace
 
 # Float slack for "logprob <= 0" and "top-1 is the chosen token" (engines round).
 LOGPROB_SLACK = 1e-4

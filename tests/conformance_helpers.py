@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from conformance.protocol import TokenEvent, Trace
+from engines.protocol import TokenEvent, Trace
 
 
 def make_trace(tokens, logprobs=None, tops=None, finish="length", texts=None) -> Trace:
@@ -42,7 +42,7 @@ def dummy_oracle():
 @cache
 def dummy_engine(spec: str):
     """A peer or reference engine on the dummy model (the reference is the oracle's own)."""
-    from conformance.adapters import open_engine
+    from engines.registry import open_engine
 
     return dummy_oracle().engine if spec == "reference" else open_engine(spec, "dummy")
 

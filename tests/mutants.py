@@ -21,9 +21,9 @@ import numpy as np
 from sampler_mutants import SAMPLER_MUTANTS
 
 import reference
-from conformance.adapters.base import event_from_logprobs
-from conformance.adapters.reference import ReferenceEngine
-from conformance.protocol import ProcessorSettings, SamplerSettings, TokenEvent
+from engines.adapters.base import event_from_logprobs
+from engines.adapters.reference import ReferenceEngine
+from engines.protocol import ProcessorSettings, SamplerSettings, TokenEvent
 
 
 @cache

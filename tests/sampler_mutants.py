@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 
 import reference
-from conformance.sampler_draws import SequenceDraw, sampler_for
+from conformance.sampling.draws import SequenceDraw, sampler_for
 from reference.sampler import NEG_INF, apply_min_p, apply_top_k, apply_top_p
 
 

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from benchmarks import cli as cli_bench
 from benchmarks import fingerprint
 from benchmarks.history import History
 from benchmarks.revision import Revision
-from conformance import cli, cli_bench
+from lmconform import cli
 
 FAST = "synthetic:step_ms=0.5:prefill_us=2"
 

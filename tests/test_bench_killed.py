@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import cli as cli_bench
 from benchmarks.history import History
-from conformance import cli_bench
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = "synthetic:step_ms=5:prefill_us=2"
 
 
 def bench_command(db: Path, trials: int) -> list[str]:
-    return [sys.executable, "-m", "conformance.cli", "bench", "--engines", ENGINE,
+    return [sys.executable, "-m", "lmconform.cli", "bench", "--engines", ENGINE,
             "--model", "synthetic", "--workloads", "decode-16", "--trials", str(trials),
             "--warmup", "0", "--no-bandwidth", "--db", str(db)]
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import cli as cli_bench
 from benchmarks import fingerprint
 from benchmarks.history import History
-from conformance import cli_bench
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,28 +8,29 @@ import numpy as np
 import pytest
 from conformance_helpers import dummy_engine
 
-from conformance import adapters, model_sources
-from conformance.adapters import EngineUnavailable, engine_class, installed_peers, open_engine
-from conformance.adapters.base import event_from_logprobs
-from conformance.model_sources import ModelUnavailable, resolve
-from conformance.protocol import GenerateRequest, ProcessorSettings, ProtocolError, Unsupported
+from engines import models as model_sources
+from engines import registry
+from engines.adapters.base import event_from_logprobs
+from engines.models import ModelUnavailable, resolve
+from engines.protocol import GenerateRequest, ProcessorSettings, ProtocolError, Unsupported
+from engines.registry import EngineUnavailable, engine_class, installed_peers, open_engine
 
 
 def test_builtin_names_and_module_class_specs_resolve():
     assert engine_class("reference").__name__ == "ReferenceEngine"
     assert (
-        engine_class("conformance.adapters.reference:ReferenceEngine").__name__ == "ReferenceEngine"
+        engine_class("engines.adapters.reference:ReferenceEngine").__name__ == "ReferenceEngine"
     )
     with pytest.raises(EngineUnavailable, match="unknown engine 'vllm'"):
         engine_class("vllm")
     with pytest.raises(EngineUnavailable, match="has no class 'Nope'"):
-        engine_class("conformance.adapters.reference:Nope")
+        engine_class("engines.adapters.reference:Nope")
 
 
 def test_a_missing_peer_is_engine_unavailable_with_the_install_command(monkeypatch):
-    real = adapters.importlib.util.find_spec
+    real = registry.importlib.util.find_spec
     monkeypatch.setattr(
-        adapters.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name)
+        registry.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name)
     )
     with pytest.raises(EngineUnavailable) as error:
         open_engine("transformers", "dummy")

@@ -16,8 +16,8 @@ from conformance.catalogue import (
     select_cases,
 )
 from conformance.checks import CHECKS
-from conformance.model_sources import BUILTIN_MODELS
-from conformance.protocol import CAPABILITIES
+from engines.models import BUILTIN_MODELS
+from engines.protocol import CAPABILITIES
 
 
 class FakeOracle:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
-from conformance import adapters, runner
-from conformance.cli import main
+from conformance import runner
+from engines import registry
+from lmconform.cli import main
 
 
 def test_check_prints_the_matrix_and_writes_all_reports(tmp_path, capsys):
@@ -67,7 +68,7 @@ def test_a_failing_engine_gives_exit_status_1_and_its_diagnostic(capsys):
 
 def test_an_engine_asked_for_but_not_installed_is_a_clear_skip(monkeypatch, capsys):
     monkeypatch.setattr(
-        adapters, "missing_requirements", lambda name: ["torch"] if name == "transformers" else []
+        registry, "missing_requirements", lambda name: ["torch"] if name == "transformers" else []
     )
     rc = main(["check", "--engine", "transformers", "--model", "dummy", "--cases", "greedy/hello"])
     _, err = capsys.readouterr()
@@ -94,7 +95,7 @@ def test_without_arguments_the_default_matrix_runs_reference_and_installed_peers
         return []
 
     monkeypatch.setattr(runner, "run_matrix", fake_run_matrix)
-    monkeypatch.setattr(adapters, "installed_peers", lambda: ["mlx-lm"])
+    monkeypatch.setattr(registry, "installed_peers", lambda: ["mlx-lm"])
     assert main(["check"]) == 0
     assert seen == {"engines": ["reference", "mlx-lm"], "models": ["dummy", "smollm2-135m"]}
 

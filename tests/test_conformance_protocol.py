@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conformance.protocol import (
+from engines.protocol import (
     CAPABILITIES,
     BatchRequest,
     BatchRow,
@@ -20,7 +20,7 @@ from conformance.protocol import (
     TokenEvent,
     Trace,
 )
-from conformance.serialization import dumps, from_message, loads, to_message
+from engines.serialization import dumps, from_message, loads, to_message
 
 
 def full_request() -> GenerateRequest:

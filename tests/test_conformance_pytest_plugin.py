@@ -85,7 +85,7 @@ def test_pytest_gives_the_same_verdicts_as_the_cli(tmp_path):
     )
     assert pytest_run.returncode == 1, pytest_run.stdout[-3000:] + pytest_run.stderr[-3000:]
     cli_run = run(
-        ["-m", "conformance.cli", "check", *common, "--json", str(tmp_path / "c.json")], tmp_path
+        ["-m", "lmconform.cli", "check", *common, "--json", str(tmp_path / "c.json")], tmp_path
     )
     assert cli_run.returncode == 1, cli_run.stderr[-3000:]
 

@@ -9,9 +9,9 @@ import pytest
 from conformance_helpers import dummy_case, dummy_oracle
 from mutants import Control
 
-from conformance.model_sources import ModelSource
-from conformance.protocol import TokenEvent, Unsupported
 from conformance.runner import FAIL, PASS, UNSUPPORTED, run_case, run_cases, run_matrix
+from engines.models import ModelSource
+from engines.protocol import TokenEvent, Unsupported
 
 SOURCE = ModelSource("dummy", "builtin")
 CASES = ["greedy/hello", "greedy/fox"]

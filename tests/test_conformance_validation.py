@@ -6,8 +6,8 @@ import pytest
 from conformance_helpers import decode_bytes, make_trace
 
 from conformance.conditioning import conditioning_of, step_margins
-from conformance.protocol import GenerateRequest, ProtocolError, SamplerSettings, ScoreRequest
 from conformance.validation import validate_generation, validate_score, validate_text
+from engines.protocol import GenerateRequest, ProtocolError, SamplerSettings, ScoreRequest
 
 ENDS = {200}
 

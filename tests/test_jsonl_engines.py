@@ -25,14 +25,14 @@ import pytest
 from conformance_helpers import dummy_case, dummy_oracle
 
 import conformance
-from conformance import jsonl_protocol, protocol
-from conformance.adapters import EngineUnavailable, engine_class
-from conformance.adapters.cmd import CmdEngine
-from conformance.adapters.line_process import EngineCrashed, EngineHung
 from conformance.catalogue import load_cases, select_cases
-from conformance.jsonl_protocol import MESSAGES, decode
-from conformance.model_sources import FORMATS, resolve
-from conformance.protocol import (
+from conformance.runner import run_case, run_cases
+from engines import jsonl_protocol, protocol
+from engines.adapters.cmd import CmdEngine
+from engines.adapters.line_process import EngineCrashed, EngineHung
+from engines.jsonl_protocol import MESSAGES, decode
+from engines.models import FORMATS, resolve
+from engines.protocol import (
     CAPABILITIES,
     BatchRow,
     DraftSettings,
@@ -41,8 +41,8 @@ from conformance.protocol import (
     ProtocolError,
     SamplerSettings,
 )
-from conformance.runner import run_case, run_cases
-from conformance.serialization import to_json_dict
+from engines.registry import EngineUnavailable, engine_class
+from engines.serialization import to_json_dict
 
 PYTHON = shlex.quote(sys.executable)
 EXAMPLE = f"{PYTHON} -m conformance.examples.jsonl_engine"
@@ -108,7 +108,7 @@ class Block:
         if name.split(".")[0] in ("mlx", "mlx_lm", "reference"):
             raise ImportError(name + " is blocked: no MLX here")
 sys.meta_path.insert(0, Block())
-from conformance.cli import main
+from lmconform.cli import main
 rc = main(["check", "--engine", "cmd:{EXAMPLE}", "--model", "dummy", "--against", "snapshots",
            "--cases", "greedy/hello,stopping/stop_token,batch/equals_single,embeddings/from_tokens"])
 assert not [m for m in sys.modules if m.split(".")[0] in ("mlx", "reference")]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conformance.cli import main as cli_main
+from lmconform.cli import main as cli_main
 from reference.dummy import (
     CHAT_TEMPLATE,
     END_OF_TEXT_ID,

@@ -16,8 +16,8 @@ from mutants import MUTANTS, Control
 
 from conformance.catalogue import build_request, load_cases, select_cases
 from conformance.comparator import PASS, compare_traces
-from conformance.model_sources import ModelSource
 from conformance.runner import FAIL, run_case, run_cases
+from engines.models import ModelSource
 
 SOURCE = ModelSource("dummy", "builtin")
 
@@ -116,7 +116,7 @@ def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
     chunked = build_request(case.request, oracle)
     unchunked = build_request(case.request, oracle, prefill_step_size=1)
     expected = oracle.answer(chunked)
-    from conformance.protocol import Trace
+    from engines.protocol import Trace
 
     answer = Trace(list(engine.generate(unchunked)))
     assert compare_traces(expected, answer, oracle.default_profile(), oracle.decode).verdict == PASS
@@ -127,9 +127,9 @@ def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
 @pytest.mark.smollm
 @pytest.mark.peer
 def test_mlx_lm_on_smollm2_deviates_only_by_dropping_the_leading_space():
-    from conformance.adapters import open_engine
     from conformance.oracle import ReferenceOracle
-    from conformance.protocol import Trace
+    from engines.protocol import Trace
+    from engines.registry import open_engine
 
     oracle = ReferenceOracle("smollm2-135m")
     engine = open_engine("mlx-lm", "smollm2-135m")

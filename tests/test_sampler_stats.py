@@ -43,15 +43,14 @@ from conformance.checks.sampling import (
     reference_logprobs,
     sampling_plan,
 )
-from conformance.protocol import GenerateRequest, SamplerSettings
-from conformance.sampler_draws import (
+from conformance.sampling.draws import (
     first_tokens,
     reference_draw,
     reference_speculative_draw,
     request_draw,
     sampler_for,
 )
-from conformance.sampler_stats import (
+from conformance.sampling.stats import (
     DEFAULT_ALPHA,
     ContextDraws,
     chi_square_fit,
@@ -62,6 +61,7 @@ from conformance.sampler_stats import (
     pooled_cells,
     support_is_stable,
 )
+from engines.protocol import GenerateRequest, SamplerSettings
 
 CASES = {c.id: c for c in load_cases() if c.kind == "distribution"}
 DUMMY_NEXT_TOKEN = [
@@ -359,7 +359,7 @@ def test_an_unstable_context_is_a_catalogue_error():
 def test_the_check_path_does_not_import_mlx():
     """``lmconform check --against snapshots`` runs where MLX is not installed."""
     code = (
-        "import sys, conformance.runner, conformance.checks.sampling, conformance.sampler_draws;"
+        "import sys, conformance.runner, conformance.checks.sampling, conformance.sampling.draws;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'reference')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -29,19 +29,17 @@ from conformance_helpers import dummy_case, dummy_oracle
 from mutants import MUTANTS, Control
 
 from conformance.catalogue import load_cases, select_cases
-from conformance.model_sources import ModelSource
 from conformance.oracle import ReferenceOracle
-from conformance.protocol import GenerateRequest
 from conformance.runner import run_case
-from conformance.snapshot_compare import compare_groups
-from conformance.snapshot_oracle import SnapshotMiss, SnapshotOracle, SnapshotVocabulary
-from conformance.snapshot_recorder import (
+from conformance.snapshots.compare import compare_groups
+from conformance.snapshots.oracle import SnapshotMiss, SnapshotOracle, SnapshotVocabulary
+from conformance.snapshots.recorder import (
     RecordingOracle,
     judges_engine_chosen_prefixes,
     record_group,
     vocabulary_of,
 )
-from conformance.snapshots import (
+from conformance.snapshots.store import (
     GOLDEN_DIR,
     GroupSnapshot,
     group_from_json,
@@ -51,7 +49,9 @@ from conformance.snapshots import (
     snapshot_groups,
     write_vocabulary,
 )
-from conformance.syrupy_extension import GoldenSnapshotExtension
+from conformance.snapshots.syrupy_extension import GoldenSnapshotExtension
+from engines.models import ModelSource
+from engines.protocol import GenerateRequest
 
 MODELS = ("dummy", "smollm2-135m")
 
@@ -327,7 +327,7 @@ def test_replaying_snapshots_needs_neither_mlx_nor_the_reference():
         BLOCK_MLX
         + """
 from conformance.catalogue import load_cases, select_cases, build_request
-from conformance.snapshot_oracle import SnapshotOracle
+from conformance.snapshots.oracle import SnapshotOracle
 oracle = SnapshotOracle("dummy")
 case = next(c for c in load_cases() if c.id == "stopping/stop_token")
 request = build_request(case.request, oracle)
@@ -350,7 +350,7 @@ def test_the_vocabulary_file_is_small_and_deterministic():
 
 
 def test_a_users_engine_is_snapshotted_and_later_checked_against_its_snapshot(tmp_path, capsys):
-    from conformance.cli import main
+    from lmconform.cli import main
 
     cases = "greedy/hello,stopping,prompt_cache/diverge"
     out = tmp_path / "mine"

@@ -12,7 +12,15 @@
 
 from __future__ import annotations
 
-from . import batch, equivalence, invariance, prompt_cache, sampling, scoring, stream
+from conformance.checks import (
+    batch,
+    equivalence,
+    invariance,
+    prompt_cache,
+    sampling,
+    scoring,
+    stream,
+)
 
 CHECKS = {
     "equivalence": equivalence.run,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..catalogue import random_prompts
-from ..protocol import BatchRequest, BatchRow
-from .context import CaseContext
+from conformance.catalogue import random_prompts
+from conformance.checks.context import CaseContext
+from engines.protocol import BatchRequest, BatchRow
 
 
 def run(ctx: CaseContext) -> None:

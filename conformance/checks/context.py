@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..catalogue import Case, build_request, check_expectations
-from ..comparator import FAIL, Comparison, Diagnostic, compare_traces
-from ..conditioning import Conditioning, conditioning_of
-from ..oracle import ReferenceOracle
-from ..profiles import PrecisionProfile
-from ..protocol import (
+from conformance.catalogue import Case, build_request, check_expectations
+from conformance.comparator import FAIL, Comparison, Diagnostic, compare_traces
+from conformance.conditioning import Conditioning, conditioning_of
+from conformance.oracle import ReferenceOracle
+from conformance.profiles import PrecisionProfile
+from conformance.validation import validate_generation, validate_score, validate_text
+from engines.protocol import (
     BatchRequest,
     GenerateRequest,
     ProtocolError,
@@ -29,8 +30,7 @@ from ..protocol import (
     Trace,
     Unsupported,
 )
-from ..serialization import dumps
-from ..validation import validate_generation, validate_score, validate_text
+from engines.serialization import dumps
 
 ENGINE_TOP = 5  # top logprobs asked of an engine: enough for the top-5 in diagnostics
 

@@ -6,7 +6,7 @@ checked the same way (e.g. ``max_tokens`` 1, 2, 7, 16 for exact stopping).
 
 from __future__ import annotations
 
-from .context import CaseContext, describe_overrides
+from conformance.checks.context import CaseContext, describe_overrides
 
 
 def run(ctx: CaseContext) -> None:

@@ -8,8 +8,8 @@ with the reference's plain answer.
 
 from __future__ import annotations
 
-from ..comparator import PASS
-from .context import CaseContext, describe_overrides
+from conformance.checks.context import CaseContext, describe_overrides
+from conformance.comparator import PASS
 
 # With the model as its own greedy draft every draft token is accepted, so an
 # engine reporting from_draft must report some; none means it never drafted.

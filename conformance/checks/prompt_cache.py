@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..catalogue import CatalogueError
-from ..protocol import GenerateRequest
-from .context import CaseContext
+from conformance.catalogue import CatalogueError
+from conformance.checks.context import CaseContext
+from engines.protocol import GenerateRequest
 
 
 def run(ctx: CaseContext) -> None:

@@ -7,7 +7,7 @@ itself, is ignored).
 ``distribution``: the engine answers the case's request many times, each time
 with its own seed, and its draws are judged against the distribution that the
 reference's log-probabilities and the sampler settings imply
-(``sampler_stats.py``). Params:
+(``conformance/sampling/stats.py``). Params:
 
 - ``contexts``: the prompts (text) to sample at; default: the request's prompt;
 - ``draws``: requests per context;
@@ -45,7 +45,7 @@ of 1e-5.)
 
 Seeds derive from the case id: verdicts are repeatable, and the false alarms
 of different cases are independent. The same functions run with any way of
-drawing (``sampler_draws.py``): the tests judge the catalogue's cases on fast
+drawing (``conformance/sampling/draws.py``): the tests judge the catalogue's cases on fast
 batched draws of the reference and of broken samplers.
 """
 
@@ -58,11 +58,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..catalogue import Case, CatalogueError, build_request
-from ..comparator import PASS
-from ..protocol import GenerateRequest, SamplerSettings, Trace
-from ..sampler_draws import NextTokenDraw, SequenceDraw, first_tokens, request_draw
-from ..sampler_stats import (
+from conformance.catalogue import Case, CatalogueError, build_request
+from conformance.checks.context import CaseContext
+from conformance.comparator import PASS
+from conformance.sampling.draws import NextTokenDraw, SequenceDraw, first_tokens, request_draw
+from conformance.sampling.stats import (
     DEFAULT_ALPHA,
     Aggregate,
     ContextDraws,
@@ -72,7 +72,7 @@ from ..sampler_stats import (
     judge,
     support_is_stable,
 )
-from .context import CaseContext
+from engines.protocol import GenerateRequest, SamplerSettings, Trace
 
 DEFAULT_MIN_DRAWS_TO_FIT = 100
 SHOWN_VIOLATIONS = 5

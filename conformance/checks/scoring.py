@@ -6,8 +6,8 @@ where greedy decoding would be ill-conditioned.
 
 from __future__ import annotations
 
-from ..protocol import ScoreRequest
-from .context import CaseContext
+from conformance.checks.context import CaseContext
+from engines.protocol import ScoreRequest
 
 
 def run(ctx: CaseContext) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .context import CaseContext
+from conformance.checks.context import CaseContext
 
 
 def run(ctx: CaseContext) -> None:

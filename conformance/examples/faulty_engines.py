@@ -27,8 +27,8 @@ import sys
 import time
 from dataclasses import replace
 
-from ..protocol import Unsupported
-from .jsonl_engine import JsonlServer, main
+from conformance.examples.jsonl_engine import JsonlServer, main
+from engines.protocol import Unsupported
 
 
 def stderr(text: str) -> None:

@@ -33,11 +33,10 @@ from typing import TextIO
 import mlx.core as mx
 
 import reference
-
-from ..adapters.reference import ReferenceEngine
-from ..jsonl_protocol import Error, Hello, Load, Loaded, Message, decode, encode
-from ..model_sources import ModelSource
-from ..protocol import PROTOCOL_VERSION, ProtocolError, Trace, Unsupported
+from engines.adapters.reference import ReferenceEngine
+from engines.jsonl_protocol import Error, Hello, Load, Loaded, Message, decode, encode
+from engines.models import ModelSource
+from engines.protocol import PROTOCOL_VERSION, ProtocolError, Trace, Unsupported
 
 
 class ServedReference(ReferenceEngine):

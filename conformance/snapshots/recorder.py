@@ -5,7 +5,7 @@ what is the answer to this request?) and to the engine under test. To
 snapshot an engine, it plays both parts: the oracle is a ``RecordingOracle``
 around an oracle backed by that engine, and the check runs exactly as in a
 live comparison. Everything the oracle is asked lands in the case's
-``CaseSnapshot``; replaying those answers later (``snapshot_oracle.py``)
+``CaseSnapshot``; replaying those answers later (``oracle.py``)
 makes the same checks run without the engine that gave them.
 
 Two oracles can be recorded:
@@ -24,14 +24,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from .catalogue import Case
-from .conditioning import Conditioning
-from .oracle import REFERENCE_TOP
-from .profiles import PrecisionProfile, profile_for_model
-from .protocol import GenerateRequest, ScoreRequest, Trace
-from .runner import run_case
-from .serialization import dumps
-from .snapshots import (
+from conformance.catalogue import Case
+from conformance.conditioning import Conditioning
+from conformance.oracle import REFERENCE_TOP
+from conformance.profiles import PrecisionProfile, profile_for_model
+from conformance.runner import run_case
+from conformance.snapshots.store import (
     MAX_STORED_VOCABULARY,
     Answer,
     CaseSnapshot,
@@ -43,6 +41,8 @@ from .snapshots import (
     request_key,
     request_summary,
 )
+from engines.protocol import GenerateRequest, ScoreRequest, Trace
+from engines.serialization import dumps
 
 
 class RecordingOracle:

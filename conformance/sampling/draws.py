@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import GenerateRequest, SamplerSettings
+from engines.protocol import GenerateRequest, SamplerSettings
 
 NextTokenDraw = Callable[[list[int], SamplerSettings, int, int], list[int]]
 SequenceDraw = Callable[[list[int], SamplerSettings, int, int, int], list[list[int]]]

@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from .catalogue import Case
-from .json_layout import dumps_readable
-from .protocol import GenerateRequest, ProtocolError, ScoreRequest, TokenEvent, Trace
-from .serialization import dumps, to_json_dict
+from conformance.catalogue import Case
+from conformance.snapshots.json_layout import dumps_readable
+from engines.protocol import GenerateRequest, ProtocolError, ScoreRequest, TokenEvent, Trace
+from engines.serialization import dumps, to_json_dict
 
 FORMAT = "lmconform-golden/1"
-GOLDEN_DIR = Path(__file__).with_name("golden")
+GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 VOCABULARY_FILE = "vocabulary.json.gz"
 GROUP_SUFFIX = ".json"
 LOGPROB_DECIMALS = 6

@@ -9,8 +9,8 @@ import mlx_lm
 from mlx_lm import sample_utils
 from mlx_lm.models import cache as mlx_cache
 
-from ..model_sources import resolve
-from .mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+from engines.models import resolve
 
 # The module, not the function of the same name that mlx_lm's __init__ exports.
 mlx_generate = importlib.import_module("mlx_lm.generate")

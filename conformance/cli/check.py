@@ -62,10 +62,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adapters import EngineUnavailable, engine_class, installed_peers
-    from .catalogue import load_cases, select_cases
-    from .profiles import get_profile
-    from .report import (
+    from conformance.catalogue import load_cases, select_cases
+    from conformance.profiles import get_profile
+    from conformance.report import (
         any_failed,
         format_matrix,
         format_problems,
@@ -73,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         write_junit,
         write_markdown,
     )
-    from .runner import run_matrix
+    from conformance.runner import run_matrix
+    from engines.registry import EngineUnavailable, engine_class, installed_peers
 
     models = args.model or list(DEFAULT_MODELS)
     if args.profile:

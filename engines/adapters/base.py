@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..model_sources import ModelSource
-from ..protocol import (
+from engines.models import ModelSource
+from engines.protocol import (
     BatchRequest,
     GenerateRequest,
     ProtocolError,
@@ -32,7 +32,7 @@ from ..protocol import (
 class Engine(ABC):
     name: str = "engine"
     capabilities: frozenset[str] = frozenset({"greedy"})
-    # Model formats this engine loads, most preferred first (see model_sources.py).
+    # Model formats this engine loads, most preferred first (see engines/models.py).
     model_formats: tuple[str, ...] = ("hf-folder",)
 
     def __init__(self, source: ModelSource):

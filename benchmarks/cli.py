@@ -12,7 +12,7 @@ Sub-commands (``run`` is the default)::
 Runs are named by id, ``latest``, ``previous`` or a commit prefix. Every command
 takes ``--db`` (default ``.lmconform/history.sqlite``).
 
-Also runnable on its own: ``python -m conformance.cli_bench ...``.
+Also runnable on its own: ``python -m benchmarks.cli ...``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ RUN_DEFAULTS = {
 }
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
         "bench", help="benchmark engines, compare runs, plot history",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,7 +212,7 @@ def ingest_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmconform")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args) or 0)
 

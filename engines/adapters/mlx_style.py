@@ -23,7 +23,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..protocol import (
+from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
+from engines.protocol import (
     BatchRequest,
     GenerateRequest,
     ProtocolError,
@@ -31,7 +32,6 @@ from ..protocol import (
     TokenEvent,
     Unsupported,
 )
-from .base import Engine, ends_with_any, event_from_logprobs
 
 ALL_BUT_BATCH = frozenset(
     {

@@ -1,4 +1,4 @@
-"""``lmconform generate``: generate with the reference engine and print text and speed."""
+"""The reference's commands: ``lmconform generate`` and ``lmconform models``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import argparse
 import sys
 
 
-def add_parser(subparsers) -> None:
+def add_parsers(subparsers) -> None:
+    add_generate_parser(subparsers)
+    add_models_parser(subparsers)
+
+
+
+def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate text with the reference engine and report speed",
@@ -67,4 +73,48 @@ def run(args: argparse.Namespace) -> int:
         f"finish: {response.finish_reason}",
         file=sys.stderr,
     )
+    return 0
+
+
+
+def add_models_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the built-in models or export one as a Hugging Face folder",
+        description="Built-in models of the reference engine.",
+    )
+    commands = parser.add_subparsers(dest="models_command", required=True)
+
+    listing = commands.add_parser("list", help="list the built-in model names")
+    listing.set_defaults(func=run_list)
+
+    export = commands.add_parser(
+        "export",
+        help="write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer)",
+        description="Write a model as a Hugging Face folder that transformers (float models) "
+        "and mlx-lm (float and quantized models) load.",
+    )
+    export.add_argument("name", help="built-in name, .gguf file, model folder or Hub id")
+    export.add_argument("directory", help="output folder (created if missing)")
+    export.set_defaults(func=run_export)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from reference.loading import BUILTIN_MODELS
+
+    width = max(len(name) for name in BUILTIN_MODELS)
+    for name, model in BUILTIN_MODELS.items():
+        print(f"{name:<{width}}  {model.description}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from reference.export import export_model
+
+    try:
+        out = export_model(args.name, args.directory)
+    except (OSError, ValueError) as error:
+        print(f"lmconform models export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.name} to {out}")
     return 0

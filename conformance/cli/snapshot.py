@@ -48,12 +48,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adapters import EngineUnavailable, open_engine
-    from .catalogue import load_cases, select_cases
-    from .runner import not_covered
-    from .snapshot_oracle import SnapshotOracle
-    from .snapshot_recorder import EngineOracle, RecordingOracle, record_group, vocabulary_of
-    from .snapshots import GOLDEN_DIR, SnapshotError, read_vocabulary, write_group, write_vocabulary
+    from conformance.catalogue import load_cases, select_cases
+    from conformance.runner import not_covered
+    from conformance.snapshots.oracle import SnapshotOracle
+    from conformance.snapshots.recorder import (
+        EngineOracle,
+        RecordingOracle,
+        record_group,
+        vocabulary_of,
+    )
+    from conformance.snapshots.store import (
+        GOLDEN_DIR,
+        SnapshotError,
+        read_vocabulary,
+        write_group,
+        write_vocabulary,
+    )
+    from engines.registry import EngineUnavailable, open_engine
 
     out = Path(args.out)
     catalogue = load_cases()
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             if args.engine == "reference":
-                from .oracle import ReferenceOracle
+                from conformance.oracle import ReferenceOracle
 
                 inner = ReferenceOracle(model)
                 vocabulary = vocabulary_of(inner)

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import (
+from engines.protocol import (
     PROTOCOL_VERSION,
     BatchRequest,
     GenerateRequest,
@@ -29,7 +29,7 @@ from .protocol import (
     TokenEvent,
     Trace,
 )
-from .serialization import from_json_dict, to_json_dict
+from engines.serialization import from_json_dict, to_json_dict
 
 ENVELOPE = ("type", "id", "row")
 ERROR_KINDS = ("unsupported", "bad_request", "internal")
@@ -42,7 +42,7 @@ class Hello:
     protocol: int  # the protocol version the engine speaks (this suite: PROTOCOL_VERSION)
     engine: str  # a short name for reports
     capabilities: list[str]  # names from protocol.CAPABILITIES
-    model_formats: list[str]  # formats it loads, most preferred first (model_sources.FORMATS)
+    model_formats: list[str]  # formats it loads, most preferred first (engines.models.FORMATS)
     version: str = ""  # free text: the engine's version, build, device
 
 
@@ -141,8 +141,8 @@ def decode(line: str) -> Message:
 
 def check_hello(hello: Hello) -> None:
     """Raise ``ProtocolError`` if the engine's hello cannot start a conversation."""
-    from .model_sources import FORMATS
-    from .protocol import CAPABILITIES
+    from engines.models import FORMATS
+    from engines.protocol import CAPABILITIES
 
     if hello.protocol != PROTOCOL_VERSION:
         raise ProtocolError(

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .comparator import FAIL, NEAR_TIE, compare_traces
-from .profiles import PrecisionProfile, get_profile
-from .snapshots import Answer, CaseSnapshot, GroupSnapshot
+from conformance.comparator import FAIL, NEAR_TIE, compare_traces
+from conformance.profiles import PrecisionProfile, get_profile
+from conformance.snapshots.store import Answer, CaseSnapshot, GroupSnapshot
 
 # Embedding vectors are float32 computations (a dequantized row, say) that another machine
 # may round differently in the last bit; a real change is orders of magnitude larger.

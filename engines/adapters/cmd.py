@@ -32,7 +32,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..jsonl_protocol import (
+from engines.adapters.base import Engine
+from engines.adapters.line_process import EngineCrashed, EngineFailure, EngineHung, LineProcess
+from engines.jsonl_protocol import (
     Error,
     Hello,
     Load,
@@ -43,8 +45,8 @@ from ..jsonl_protocol import (
     decode,
     encode,
 )
-from ..model_sources import FORMATS, ModelSource, ModelUnavailable, resolve
-from ..protocol import (
+from engines.models import FORMATS, ModelSource, ModelUnavailable, resolve
+from engines.protocol import (
     BatchRequest,
     GenerateRequest,
     ProtocolError,
@@ -53,8 +55,6 @@ from ..protocol import (
     Trace,
     Unsupported,
 )
-from .base import Engine
-from .line_process import EngineCrashed, EngineFailure, EngineHung, LineProcess
 
 MAX_START_FAILURES = 3
 SHUTDOWN_GRACE = 5.0
@@ -82,7 +82,7 @@ class CmdEngine(Engine):
     @classmethod
     def bind(cls, command_line: str, **settings: Any) -> type[CmdEngine]:
         """A ``CmdEngine`` class for ``command_line``; ``settings`` override the timeouts."""
-        from . import EngineUnavailable
+        from engines.registry import EngineUnavailable
 
         argv = shlex.split(command_line)
         if not argv:
@@ -237,7 +237,7 @@ class CmdEngine(Engine):
         self._drafts = set()
 
     def _source_for(self, model: str, hello: Hello) -> ModelSource:
-        from . import EngineUnavailable
+        from engines.registry import EngineUnavailable
 
         try:
             return resolve(model, hello.model_formats)

@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
-from .catalogue import Case, CatalogueError
-from .oracle import BYTE_OF_CHAR, REFERENCE_TOP
-from .profiles import PrecisionProfile, profile_for_model
-from .protocol import GenerateRequest, ScoreRequest, Trace
-from .snapshots import (
+from conformance.catalogue import Case, CatalogueError
+from conformance.oracle import BYTE_OF_CHAR, REFERENCE_TOP
+from conformance.profiles import PrecisionProfile, profile_for_model
+from conformance.snapshots.store import (
     GOLDEN_DIR,
     CaseSnapshot,
     SnapshotError,
@@ -50,6 +49,7 @@ from .snapshots import (
     request_summary,
     snapshot_groups,
 )
+from engines.protocol import GenerateRequest, ScoreRequest, Trace
 
 
 class SnapshotMiss(CatalogueError):

@@ -51,7 +51,7 @@ more, with the same guarantee, and needs no independence between the tests.
 
 Everything here is plain NumPy/SciPy on plain data (no MLX: snapshot checks run
 without it): the model, the engine and the draws live elsewhere (``checks/sampling.py``
-runs the catalogue's cases, ``sampler_draws.py`` holds ways to draw).
+runs the catalogue's cases, ``draws.py`` holds ways to draw).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy import stats
 
-from .protocol import SamplerSettings
+from engines.protocol import SamplerSettings
 
 DEFAULT_ALPHA = 0.001
 MIN_EXPECTED = 5.0

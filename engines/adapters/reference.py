@@ -14,8 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 import reference
-
-from .mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
 
 
 class ReferenceEngine(MlxStyleEngine):

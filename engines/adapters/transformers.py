@@ -30,9 +30,9 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..model_sources import resolve
-from ..protocol import BatchRequest, GenerateRequest, ScoreRequest, TokenEvent, Unsupported
-from .base import Engine, ends_with_any, event_from_logprobs
+from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
+from engines.models import resolve
+from engines.protocol import BatchRequest, GenerateRequest, ScoreRequest, TokenEvent, Unsupported
 
 
 class StopOnSequences(StoppingCriteria):

@@ -20,8 +20,8 @@ import typing
 from functools import cache
 from typing import Any, TypeVar, Union
 
-from . import protocol
-from .protocol import ProtocolError
+from engines import protocol
+from engines.protocol import ProtocolError
 
 T = TypeVar("T")
 

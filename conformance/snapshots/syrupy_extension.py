@@ -4,7 +4,7 @@
 ``<folder>/<model>/<group>.json`` (``folder`` is the packaged
 ``conformance/golden``), in the format of ``snapshots.py``. Its
 ``matches()`` does not compare text: it reads both sides and applies
-``snapshot_compare.compare_groups`` (exact tokens, logprobs within the
+``compare.compare_groups`` (exact tokens, logprobs within the
 precision profile's tolerance, near-ties accepted and reported as warnings),
 so another machine's last-digit float differences pass and a changed token
 fails, with a diff that says which case, which answer, which step.
@@ -29,10 +29,10 @@ from pathlib import Path
 from syrupy.data import SnapshotCollections
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
-from .catalogue import load_cases, select_cases
-from .snapshot_compare import compare_groups
-from .snapshot_oracle import SnapshotVocabulary
-from .snapshots import (
+from conformance.catalogue import load_cases, select_cases
+from conformance.snapshots.compare import compare_groups
+from conformance.snapshots.oracle import SnapshotVocabulary
+from conformance.snapshots.store import (
     GOLDEN_DIR,
     GROUP_SUFFIX,
     GroupSnapshot,

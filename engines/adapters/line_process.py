@@ -28,8 +28,8 @@ import subprocess
 import threading
 import time
 
-from ..deadline import CaseTimeout
-from ..protocol import ProtocolError
+from engines.deadline import CaseTimeout
+from engines.protocol import ProtocolError
 
 MAX_LINE = 64 * 1024 * 1024  # bytes; a full-vocabulary logprob event is well under 1 MB
 STDERR_LINES = 20

@@ -1,0 +1,10 @@
+"""The built-in engine adapters (open them through ``engines.registry``).
+
+- base.py          ``Engine``: the interface every adapter implements
+- mlx_style.py     shared by engines with mlx-lm's generation API
+- reference.py     the reference engine
+- mlx_lm.py        mlx-lm
+- transformers.py  Hugging Face transformers on PyTorch
+- cmd.py           any program speaking the JSON-lines protocol (``cmd:``)
+- line_process.py  the child process behind ``cmd:``: lines in, lines out, deadlines
+"""

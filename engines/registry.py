@@ -1,0 +1,165 @@
+"""The engine registry: one table from an engine spec to an adapter, for every command.
+
+``lmconform check``, ``snapshot``, ``bench`` and the pytest plugin all open engines
+here, so an engine that one of them accepts, all of them accept. A spec is
+
+    NAME[:key=value...]            a built-in engine (``reference``, ``mlx-lm``, ...)
+    module.path:Class[:key=value...]   your own Python adapter (a subclass of Engine)
+    cmd:COMMAND LINE               a program speaking the JSON-lines protocol (PROTOCOL.md)
+
+Options are the trailing ``:key=value`` parts; the adapter's constructor receives them
+as keyword arguments (strings), so an option an engine does not take is an error
+that names the engine. ``cmd:`` specs take no options: everything after ``cmd:`` is
+the command line. A peer that is not installed is ``EngineUnavailable`` with the
+command that installs it; nothing here imports an engine's package before it is opened.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+
+from engines.models import ModelUnavailable, resolve
+
+
+@dataclass(frozen=True)
+class BuiltinEngine:
+    target: str  # "module:Class"
+    requires: tuple[str, ...]  # importable modules the engine needs
+    install: str  # the command that installs them
+
+
+BUILTIN_ENGINES = {
+    "reference": BuiltinEngine(
+        "engines.adapters.reference:ReferenceEngine",
+        ("mlx", "reference"),
+        "pip install -e .  (the reference engine ships with lmconform; it needs MLX)",
+    ),
+    "mlx-lm": BuiltinEngine(
+        "engines.adapters.mlx_lm:MlxLmEngine",
+        ("mlx", "mlx_lm"),
+        "pip install mlx-lm==0.32.2   (or: pip install 'lmconform[peers]')",
+    ),
+    "transformers": BuiltinEngine(
+        "engines.adapters.transformers:TransformersEngine",
+        ("torch", "transformers", "gguf"),
+        "pip install torch transformers gguf   (or: pip install 'lmconform[peers]')",
+    ),
+}
+
+# The peers a default run compares the reference against, when installed.
+PEERS = ("mlx-lm", "transformers")
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot be used here (unknown, not installed, bad options, model missing)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A parsed engine spec; ``text`` is what the user wrote (the engine's label)."""
+
+    text: str
+    kind: str  # "builtin", "module" or "cmd"
+    target: str  # built-in name, "module:Class" or the command line
+    options: dict[str, str] = field(default_factory=dict)
+
+    def without(self, *keys: str) -> tuple[EngineSpec, dict[str, str]]:
+        """This spec less the options ``keys`` (which a caller handles itself), and those."""
+        taken = {k: v for k, v in self.options.items() if k in keys}
+        kept = {k: v for k, v in self.options.items() if k not in keys}
+        return EngineSpec(self.text, self.kind, self.target, kept), taken
+
+
+def parse_spec(text: str) -> EngineSpec:
+    """``NAME[:k=v...]``, ``module:Class[:k=v...]`` or ``cmd:COMMAND`` -> EngineSpec."""
+    text = text.strip()
+    if text.startswith("cmd:"):
+        command = text.removeprefix("cmd:").strip()
+        if not command:
+            raise EngineUnavailable("a cmd: engine needs a command line, e.g. cmd:./my-engine")
+        return EngineSpec(text, "cmd", command)
+    parts = text.split(":")
+    options: dict[str, str] = {}
+    while len(parts) > 1 and "=" in parts[-1]:
+        for item in reversed(parts.pop().split(",")):
+            key, _, value = item.partition("=")
+            if not key.strip():
+                raise EngineUnavailable(f"engine option {item!r} in {text!r} must be key=value")
+            options[key.strip()] = value.strip()
+    target = ":".join(parts)
+    if target in BUILTIN_ENGINES:
+        return EngineSpec(text, "builtin", target, dict(reversed(options.items())))
+    module, _, cls = target.partition(":")
+    if not (module and cls) or not all(p.isidentifier() for p in [*module.split("."), cls]):
+        known = ", ".join([*BUILTIN_ENGINES, "module:Class", "cmd:COMMAND"])
+        raise EngineUnavailable(f"unknown engine {text!r}; use one of {known}")
+    return EngineSpec(text, "module", target, dict(reversed(options.items())))
+
+
+def missing_requirements(name: str) -> list[str]:
+    engine = BUILTIN_ENGINES[name]
+    return [module for module in engine.requires if importlib.util.find_spec(module) is None]
+
+
+def installed_peers() -> list[str]:
+    return [name for name in PEERS if not missing_requirements(name)]
+
+
+def engine_class(spec: str | EngineSpec) -> type:
+    """The adapter class for ``spec`` (options are applied when it is opened)."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "cmd":
+        from engines.adapters.cmd import CmdEngine  # an engine in another process
+
+        return CmdEngine.bind(spec.target)
+    target = spec.target
+    if spec.kind == "builtin":
+        missing = missing_requirements(spec.target)
+        if missing:
+            raise EngineUnavailable(
+                f"engine {spec.target!r} is not installed (missing: {', '.join(missing)}); "
+                f"install it with: {BUILTIN_ENGINES[spec.target].install}"
+            )
+        target = BUILTIN_ENGINES[spec.target].target
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EngineUnavailable(
+            f"cannot import {module_name!r} for engine {spec.text!r}: {error}"
+        ) from None
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise EngineUnavailable(f"module {module_name!r} has no class {class_name!r}") from None
+
+
+def _check_options(cls: type, spec: EngineSpec) -> None:
+    if not spec.options:
+        return
+    accepted = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(spec.options) - set(accepted))
+    if unknown:
+        takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes no options"
+        raise EngineUnavailable(
+            f"engine {spec.target!r} has no option {', '.join(unknown)} ({takes})"
+        )
+
+
+def open_engine(spec: str | EngineSpec, model: str):
+    """An engine adapter for ``spec`` with ``model`` loaded, in a format it accepts."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    cls = engine_class(spec)
+    _check_options(cls, spec)
+    try:
+        source = resolve(model, cls.model_formats)
+    except ModelUnavailable as error:
+        raise EngineUnavailable(f"engine {spec.text!r} cannot load {model}: {error}") from None
+    return cls(source, **spec.options)

@@ -1,0 +1,1 @@
+"""The ``lmconform`` command: it only composes the subcommands each package owns."""

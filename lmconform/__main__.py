@@ -1,0 +1,5 @@
+import sys
+
+from lmconform.cli import main
+
+sys.exit(main())
