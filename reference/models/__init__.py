@@ -1,0 +1,44 @@
+"""Model families, one module per architecture, each with mlx-lm's contract.
+
+Every family module defines ``ModelArgs`` (with ``from_config``) and ``Model``
+(``__call__(inputs, cache, input_embeddings)``, ``layers``, ``make_cache``,
+``sanitize``); ``llama.py`` holds the blocks the others reuse. ``build_model``
+picks the family from a Hugging Face config's ``model_type``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from . import gemma, llama, moe, phi3, qwen
+
+# model_type (as in config.json) -> the module that implements it.
+FAMILIES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": qwen,
+    "qwen3": qwen,
+    "gemma2": gemma,
+    "gemma3_text": gemma,
+    "phi3": phi3,
+    "qwen2_moe": moe,
+    "qwen3_moe": moe,
+    "mixtral": moe,
+}
+
+
+def family(model_type: str) -> ModuleType:
+    """The module implementing ``model_type``; a clear error naming the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by the reference; "
+            f"supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def build_model(config: dict[str, Any]):
+    """An uninitialised model for a Hugging Face ``config.json`` dict (Llama if no model_type)."""
+    module = family(config.get("model_type", "llama"))
+    return module.Model(module.ModelArgs.from_config(config))
