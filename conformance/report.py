@@ -1,10 +1,18 @@
-"""Reports of a conformance run: terminal matrix, JSON, Markdown, JUnit XML.
+r"""Reports of a conformance run: terminal matrix, JSON, Markdown, JUnit XML.
 
 All four are views of the same list of ``CaseResult``s. The matrix has one
 row per case and one column per engine and model; a cell is pass, near-tie,
 FAIL, unsupported, skipped (engine not installed) or blank (the case does
 not run on that model). Markdown adds, for every fail and near-tie, the full
 diagnostic; JSON holds everything, diagnostics as structured data.
+
+Engines print whatever they like (their stderr tail ends up in diagnostics),
+so every text is made safe for the format it goes into: control characters
+other than newline and tab are written as ``\xNN`` in the terminal, Markdown
+and JUnit views (XML 1.0 cannot hold them at all, a terminal would obey
+them), Markdown table cells escape ``|``, and code blocks get a fence longer
+than any run of backticks inside. Each report file is written whole or not
+at all: to a temporary file beside it, then renamed over it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,29 @@ CELL = {
     UNSUPPORTED: "unsupported",
     SKIPPED: "skipped",
 }
+
+
+# Characters no report may carry raw: C0 controls but tab and newline, DEL, C1 controls,
+# lone surrogates and the two non-characters XML 1.0 excludes.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def safe_text(text: str) -> str:
+    r"""``text`` with unsafe characters written as visible escapes (``\x1b``, ``\ud800``)."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all: a temporary file, then a rename."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def columns(results: list[CaseResult]) -> list[tuple[str, str]]:
@@ -143,7 +177,7 @@ def format_problems(results: list[CaseResult]) -> str:
                 lines.append(f"  [{f.check}]")
                 lines += ["    " + line for line in f.details.splitlines()]
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return safe_text("\n\n".join(blocks))  # an engine's escape sequences stay inert
 
 
 # -- JSON ---------------------------------------------------------------------------------
@@ -158,7 +192,8 @@ def to_json(results: list[CaseResult], meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, results: list[CaseResult], meta: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(to_json(results, meta), indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(to_json(results, meta), indent=2, ensure_ascii=False, default=str)
+    write_atomically(path, text + "\n")
 
 
 def _plain(value: Any) -> Any:
@@ -179,14 +214,14 @@ def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
     header, rows = _grid(results)
     out = ["# lmconform conformance report", ""]
     for key, value in meta.items():
-        out.append(f"- **{key}**: {_md_value(value)}")
+        out.append(f"- **{key}**: {_md_inline(_md_value(value))}")
     out += ["", "## Matrix", ""]
-    out.append("| " + " | ".join(header) + " |")
+    out.append("| " + " | ".join(_md_table(h) for h in header) + " |")
     out.append("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         out.append(
             "| "
-            + " | ".join(f"`{row[0]}`" if i == 0 else _md_cell(c) for i, c in enumerate(row))
+            + " | ".join(_md_code(row[0]) if i == 0 else _md_cell(c) for i, c in enumerate(row))
             + " |"
         )
     out += [line for line in _footnotes(results)]
@@ -194,29 +229,53 @@ def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
     if problems:
         out += ["", "## Failures and near-ties", ""]
         for r in problems:
-            out.append(f"### {CELL[r.verdict]}: `{r.case_id}` on {r.engine} @ {r.model}")
-            out += ["", r.about, "", "```"]
-            if r.reason:
-                out.append(r.reason)
+            where = _md_inline(f"{r.engine} @ {r.model}")
+            out.append(f"### {CELL[r.verdict]}: {_md_code(r.case_id)} on {where}")
+            block = [r.reason] if r.reason else []
             for f in r.findings:
                 if f.verdict in (FAIL, NEAR_TIE):
-                    out.append(f"[{f.check}]")
-                    out.append(f.details)
-            out += ["```", ""]
+                    block += [f"[{f.check}]", f.details]
+            out += ["", _md_inline(r.about), "", _md_block("\n".join(block)), ""]
     unsupported = [r for r in results if r.verdict in (UNSUPPORTED, SKIPPED)]
     if unsupported:
         out += ["", "## Unsupported and skipped", ""]
         for r in unsupported:
-            out.append(f"- `{r.case_id}` on {r.engine} @ {r.model}: {r.reason}")
+            where = _md_inline(f"{r.engine} @ {r.model}")
+            out.append(f"- {_md_code(r.case_id)} on {where}: {_md_inline(r.reason)}")
     return "\n".join(out) + "\n"
 
 
 def write_markdown(path: str | Path, results: list[CaseResult], meta: dict[str, Any]) -> None:
-    Path(path).write_text(to_markdown(results, meta))
+    write_atomically(path, to_markdown(results, meta))
+
+
+def _md_inline(text: str) -> str:
+    """One line of Markdown prose: newlines become spaces, HTML and pipes cannot act."""
+    text = " ".join(safe_text(text).splitlines())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _md_table(text: str) -> str:
+    return _md_inline(text)
+
+
+def _md_code(text: str) -> str:
+    """Inline code that holds any text: a backtick fence longer than any run inside."""
+    text = " ".join(safe_text(text).splitlines()).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_block(text: str) -> str:
+    """A fenced code block that no text inside can close early."""
+    text = safe_text(text)
+    fence = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence}\n{text}\n{fence}"
 
 
 def _md_cell(cell: str) -> str:
-    return f"**{cell}**" if cell.startswith("FAIL") else cell
+    return f"**{cell}**" if cell.startswith("FAIL") else _md_table(cell)
 
 
 def _md_value(value: Any) -> str:
@@ -264,9 +323,19 @@ def to_junit(results: list[CaseResult]) -> ET.ElementTree:
             elif r.verdict == NEAR_TIE:
                 notes = "\n".join(f"[{f.check}]\n{f.details}" for f in r.near_ties())
                 ET.SubElement(case, "system-out").text = f"near-tie (passes):\n{notes}"
+    _xml_safe(root)
     ET.indent(root)
     return ET.ElementTree(root)
 
 
+def _xml_safe(element: ET.Element) -> None:
+    """Escape, in every text and attribute, the characters XML 1.0 cannot hold."""
+    for node in element.iter():
+        node.attrib = {k: safe_text(v) for k, v in node.attrib.items()}
+        if node.text:
+            node.text = safe_text(node.text)
+
+
 def write_junit(path: str | Path, results: list[CaseResult]) -> None:
-    to_junit(results).write(str(path), encoding="utf-8", xml_declaration=True)
+    text = ET.tostring(to_junit(results).getroot(), encoding="unicode")
+    write_atomically(path, "<?xml version='1.0' encoding='utf-8'?>\n" + text + "\n")

@@ -3,9 +3,11 @@
 ``run_case`` turns whatever happens into a ``CaseResult``:
 
 - the engine lacks a capability, or raises ``Unsupported``: "unsupported";
-- any finding failed, the engine raised, broke the protocol (wrong-length
-  logprobs, a token outside the vocabulary, no finish reason, ...) or ran
-  past the time limit: "fail", with the error and where it happened;
+- any finding failed, the engine raised (even ``SystemExit`` or
+  ``KeyboardInterrupt``: an engine cannot end the run), broke the protocol
+  (wrong-length logprobs, a token outside the vocabulary, no finish reason,
+  output after a finished request, ...) or ran past the time limit: "fail",
+  with the error and where it happened;
 - otherwise "near-tie" if some comparison ended at a near-tie, else "pass".
 
 ``run_matrix`` runs the selected cases for each (model, engine) pair, sharing
@@ -31,7 +33,7 @@ from conformance.profiles import PrecisionProfile, profile_for_model
 from conformance.snapshots.oracle import SnapshotOracle
 from conformance.snapshots.store import GOLDEN_DIR, SnapshotError
 from engines.adapters.line_process import EngineFailure
-from engines.deadline import CaseTimeout, deadline
+from engines.deadline import CaseTimeout, Interrupted, deadline
 from engines.protocol import ProtocolError, Unsupported
 from engines.registry import EngineUnavailable, open_engine
 
@@ -83,6 +85,11 @@ def run_case(
     try:
         with deadline(timeout):
             CHECKS[case.kind](ctx)
+            settle = getattr(engine, "settle", None)  # output after the case's last answer
+            if settle is not None:
+                settle()
+    except Interrupted:
+        raise  # the run is being stopped: not a verdict on the engine
     except Unsupported as error:
         result.verdict, result.reason = UNSUPPORTED, str(error)
     except CatalogueError as error:
@@ -93,7 +100,7 @@ def run_case(
         result.verdict, result.reason = FAIL, f"protocol violation: {error}"
     except EngineFailure as error:  # an engine process that crashed or reported an error
         result.verdict, result.reason = FAIL, f"engine failure: {error}"
-    except Exception as error:  # noqa: BLE001 - an engine that raises fails its case, nothing more
+    except BaseException as error:  # noqa: BLE001 - an engine that raises fails its case only
         result.verdict, result.reason = FAIL, _describe_exception(engine.name, error)
     result.duration_s = time.perf_counter() - start
     result.findings = ctx.findings
@@ -174,7 +181,9 @@ def run_matrix(
                         on_skip(spec, model, str(error))
                     results += _for_all(cases, spec, model, profile, SKIPPED, str(error))
                     continue
-                except Exception as error:  # noqa: BLE001 - an engine that cannot load fails its cases
+                except Interrupted:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - one that cannot load fails its cases
                     reason = f"could not open the engine: {_describe_exception(spec, error)}"
                     results += _for_all(covered, spec, model, profile, FAIL, reason)
                     results += _uncovered(cases, uncovered, spec, model, profile)
@@ -185,11 +194,11 @@ def run_matrix(
                     column += run_cases(covered, engine, oracle, profile, timeout, progress)
                 finally:
                     if engine is not oracle.engine:
-                        engine.close()
+                        _close(engine)
                 order = {c.id: i for i, c in enumerate(cases)}
                 results += sorted(column, key=lambda r: order[r.case_id])
                 if on_done:
-                    on_done(spec, model, engine.describe(), time.perf_counter() - start)
+                    on_done(spec, model, _description(engine), time.perf_counter() - start)
         finally:
             oracle.close()
     return results
@@ -230,7 +239,26 @@ def _for_all(cases, engine, model, profile, verdict, reason) -> list[CaseResult]
     ]
 
 
-def _describe_exception(engine: str, error: Exception) -> str:
+def _close(engine) -> None:
+    """Close an engine; one whose ``close`` raises has had its verdicts already."""
+    try:
+        engine.close()
+    except Interrupted:
+        raise
+    except BaseException:  # noqa: BLE001, S110 - nothing left to judge, the run goes on
+        pass
+
+
+def _description(engine) -> dict:
+    try:
+        return dict(engine.describe())
+    except Interrupted:
+        raise
+    except BaseException as error:  # noqa: BLE001 - a report line, not a verdict
+        return {"version": f"{engine.name} (describe() raised {type(error).__name__})"}
+
+
+def _describe_exception(engine: str, error: BaseException) -> str:
     lines = traceback.format_exception(type(error), error, error.__traceback__)
     tail = "".join(lines[-TRACEBACK_LINES:]).rstrip()
     return f"{engine} raised {type(error).__name__}: {error}\n{tail}"

@@ -5,8 +5,9 @@ finish reason on the last event only, exactly ``max_tokens`` events when the
 reason is "length", no end token left unhonoured before the end, logprobs
 that are log-probabilities, top-k lists of the requested length in order, a
 greedy choice that is the argmax of the engine's own logprobs, and text
-pieces that join up to the decoded tokens. A violation is a failure of the
-case, reported with what exactly was wrong.
+pieces that join up to the decoded tokens. A declared capability is a promise:
+an engine that declared ``logprobs`` must give every event its logprob. A
+violation is a failure of the case, reported with what exactly was wrong.
 """
 
 from __future__ import annotations
@@ -115,10 +116,19 @@ def _check_event(event, step: int, vocab_size: int, top_logprobs: int, greedy: b
         raise ProtocolError(
             f"token {token!r} at step {step} is outside the vocabulary [0, {vocab_size})"
         )
-    if event.logprob is not None and (math.isnan(event.logprob) or event.logprob > LOGPROB_SLACK):
-        raise ProtocolError(f"logprob {event.logprob} at step {step} is not a log-probability")
+    if event.logprob is not None and (
+        not isinstance(event.logprob, (int, float))
+        or math.isnan(event.logprob)
+        or event.logprob > LOGPROB_SLACK
+    ):
+        raise ProtocolError(f"logprob {event.logprob!r} at step {step} is not a log-probability")
     if not top_logprobs:
         return
+    # Logprobs were asked for because the engine declared the capability: it must give them.
+    if event.logprob is None:
+        raise ProtocolError(
+            f"step {step} has no logprob (null), though the engine declared 'logprobs'"
+        )
     top = event.top_logprobs or []
     wanted = min(top_logprobs, vocab_size)
     if len(top) != wanted:

@@ -15,15 +15,22 @@ stderr tail; the process is then discarded, and the next request starts a
 fresh one (after ``MAX_START_FAILURES`` failed starts in a row, requests fail
 at once instead of waiting for yet another start).
 
+Output the engine writes after a request has finished (a stray event, a
+second finish) is charged to that request: it is looked for when the request
+finishes and when its case ends (``settle``), so it fails the case that caused
+it, not the next one.
+
 Timeouts can be set with the environment variables
 ``LMCONFORM_CMD_START_TIMEOUT``, ``LMCONFORM_CMD_REQUEST_TIMEOUT`` and
-``LMCONFORM_CMD_TOTAL_TIMEOUT`` (seconds). A command starting with
+``LMCONFORM_CMD_TOTAL_TIMEOUT`` (seconds; a value that is not a positive number
+up to ``MAX_TIMEOUT`` makes the engine unavailable, naming the variable). A command starting with
 ``python`` or ``python3`` runs with the Python interpreter running the suite.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shlex
 import shutil
@@ -58,6 +65,8 @@ from engines.protocol import (
 
 MAX_START_FAILURES = 3
 SHUTDOWN_GRACE = 5.0
+MAX_TIMEOUT = 7 * 24 * 3600.0  # seconds; anything longer is a typo, not a wish
+SETTLE_S = 0.05  # how long a finished case waits for stray output from the engine
 
 
 class EngineError(EngineFailure):
@@ -65,8 +74,23 @@ class EngineError(EngineFailure):
 
 
 def _setting(name: str, default: float) -> float:
-    value = os.environ.get(f"LMCONFORM_CMD_{name}")
-    return float(value) if value else default
+    """A timeout from ``LMCONFORM_CMD_<name>``; a bad value is an error naming the variable."""
+    from engines.registry import EngineUnavailable
+
+    variable = f"LMCONFORM_CMD_{name}"
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise EngineUnavailable(
+            f"environment variable {variable}={text!r}: expected seconds, a number in "
+            f"(0, {MAX_TIMEOUT:g}]"
+        )
+    return value
 
 
 class CmdEngine(Engine):
@@ -110,6 +134,7 @@ class CmdEngine(Engine):
         self._last_start_error: Exception | None = None
         self.hello: Hello | None = None
         self._vocab_size = 0
+        self._last_request: str | None = None  # the latest request sent to the live process
         self._start()  # an engine that cannot start cannot be opened
 
     # -- the Engine interface ----------------------------------------------------------
@@ -134,6 +159,7 @@ class CmdEngine(Engine):
                         f"{request.max_tokens} events (no finish_reason)",
                     )
                 if event.finish_reason is not None:
+                    self._check_quiet(process, request_id, wait=0.0)
                     finished = True
                     yield event
                     return
@@ -172,6 +198,7 @@ class CmdEngine(Engine):
                         f"request {request_id}: row {row} reached max_tokens "
                         "without a finish_reason",
                     )
+            self._check_quiet(process, request_id, wait=0.0)
         except (Unsupported, EngineError):
             raise  # the engine ended the request with an error: still in step
         except BaseException:
@@ -188,6 +215,7 @@ class CmdEngine(Engine):
             trace: Trace = self._receive(process, request_id, "trace", deadline).body
             for step, event in enumerate(trace.events):
                 self._check_event(process, event, step, request_id)
+            self._check_quiet(process, request_id, wait=0.0)
         except (Unsupported, EngineError):
             raise  # the engine ended the request with an error: still in step
         except BaseException:
@@ -203,6 +231,17 @@ class CmdEngine(Engine):
             "model": self.source.describe(),
             "command": shlex.join(self.command),
         }
+
+    def settle(self) -> None:
+        """At the end of a case: output written after its last request fails that case."""
+        process = self._process
+        if process is None or self._last_request is None:
+            return
+        try:
+            self._check_quiet(process, self._last_request, wait=SETTLE_S)
+        except ProtocolError:
+            self._discard()
+            raise
 
     def close(self) -> None:
         process, self._process = self._process, None
@@ -235,6 +274,7 @@ class CmdEngine(Engine):
             raise
         self.hello, self._vocab_size, self._process = hello, loaded.vocab_size, process
         self._drafts = set()
+        self._last_request = None
 
     def _source_for(self, model: str, hello: Hello) -> ModelSource:
         from engines.registry import EngineUnavailable
@@ -286,7 +326,10 @@ class CmdEngine(Engine):
                         ) from None
                     self._load(process, draft, "draft", deadline)
                     self._drafts.add(name)
+            if self._last_request is not None:
+                self._check_quiet(process, self._last_request, wait=0.0)
             request_id = f"r{next(self._ids)}"
+            self._last_request = request_id
             process.send(encode(request, id=request_id), deadline)
         except Unsupported:
             raise
@@ -335,6 +378,16 @@ class CmdEngine(Engine):
                 process,
                 f"request {request_id}, step {step}: token {bad[0]} is outside the "
                 f"vocabulary [0, {self._vocab_size})",
+            )
+
+    def _check_quiet(self, process: LineProcess, request_id: str, wait: float) -> None:
+        """Nothing may arrive after request ``request_id`` finished; a line that does is a
+        violation charged to that request."""
+        line = process.pending(wait)
+        if line is not None:
+            raise self._violation(
+                process,
+                f"the engine wrote after request {request_id} had finished: {line[:200]!r}",
             )
 
     def _request_deadline(self) -> float:

@@ -15,25 +15,69 @@ input. So nothing here waits without a deadline:
 Failures are ``EngineCrashed`` (the process is gone), ``EngineHung`` (no
 answer before the deadline) and ``ProtocolError`` (a line that cannot be a
 message), each carrying the stderr tail.
+
+Engines cannot outlive the suite: each starts in its own process group (what
+it starts in turn is killed with it), on Linux with a parent-death signal
+(SIGKILL if the suite dies, even by SIGKILL), and ``stop_all`` kills every
+group still running (the command line calls it on SIGINT/SIGTERM). A process
+that exits is noticed at once, even when a child it left behind keeps its
+stdout open. Lines are capped: stdout at ``MAX_LINE`` bytes (an error), stderr
+lines at ``MAX_STDERR_LINE`` characters (cut) in the kept tail.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import os
 import queue
 import selectors
 import signal
 import subprocess
+import sys
 import threading
 import time
+import weakref
 
 from engines.deadline import CaseTimeout
 from engines.protocol import ProtocolError
 
 MAX_LINE = 64 * 1024 * 1024  # bytes; a full-vocabulary logprob event is well under 1 MB
 STDERR_LINES = 20
+MAX_STDERR_LINE = 2000  # characters of one stderr line kept in the tail
+POLL_S = 0.1  # how often a wait for output also checks whether the process is still alive
 _EOF = object()
+_LIVE: weakref.WeakSet[LineProcess] = weakref.WeakSet()  # every process not yet killed
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _parent_death_signal():
+    """A function for the child to run before exec: be killed when the suite dies.
+
+    libc is loaded here, in the parent: between fork and exec the child may only
+    make plain system calls (loading a library there could deadlock on a lock
+    another thread of the suite held at the fork). None where there is no prctl.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
+
+
+def stop_all() -> int:
+    """Kill every engine process group still running; returns how many there were."""
+    processes = list(_LIVE)
+    for process in processes:
+        process.kill()
+    return len(processes)
 
 
 class EngineFailure(Exception):
@@ -61,7 +105,10 @@ class LineProcess:
             env=env,
             # Its own process group: killing it also kills what it started (a shell's child).
             start_new_session=os.name == "posix",
+            # Only a prctl call, prepared in the parent (see _parent_death_signal).
+            preexec_fn=_DIE_WITH_PARENT,  # noqa: PLW1509
         )
+        _LIVE.add(self)
         self._lines: queue.Queue = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         os.set_blocking(self.process.stdin.fileno(), False)
@@ -88,22 +135,19 @@ class LineProcess:
         self._lines.put(_EOF)
 
     def _read_stderr(self) -> None:
+        stream = self.process.stderr
         try:
-            for raw in self.process.stderr:
-                self._stderr.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            while raw := stream.readline(MAX_STDERR_LINE * 4):  # bounded, however long the line
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if len(line) > MAX_STDERR_LINE:
+                    line = line[:MAX_STDERR_LINE] + " [cut]"
+                self._stderr.append(line)
         except (OSError, ValueError):
             pass
 
     def receive(self, deadline: float, waiting_for: str) -> str:
         """The next line of stdout (without its newline), or an error by ``deadline``."""
-        remaining = deadline - time.monotonic()
-        try:
-            item = self._lines.get(timeout=max(remaining, 0.0))
-        except queue.Empty:
-            raise EngineHung(
-                f"no answer from the engine within the time allowed while waiting for "
-                f"{waiting_for}{self.stderr_report()}"
-            ) from None
+        item = self._next_item(deadline, waiting_for)
         if item is _EOF:
             self._lines.put(_EOF)  # later calls see the end too
             status = self.exit_status()
@@ -120,6 +164,39 @@ class LineProcess:
                 f"a line that is not UTF-8 ({error}) while waiting for {waiting_for}"
                 f"{self.stderr_report()}"
             ) from None
+
+    def _next_item(self, deadline: float, waiting_for: str):
+        """The next queued line; waits in short slices so that an exit is noticed at once."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self._lines.get(timeout=max(min(remaining, POLL_S), 0.0))
+            except queue.Empty:
+                pass
+            if not self.alive():
+                # Gone, but its stdout is still open (a child it started holds it):
+                # take what it wrote before exiting, then report the exit.
+                try:
+                    return self._lines.get(timeout=POLL_S)
+                except queue.Empty:
+                    return _EOF
+            if time.monotonic() >= deadline:
+                raise EngineHung(
+                    f"no answer from the engine within the time allowed while waiting for "
+                    f"{waiting_for}{self.stderr_report()}"
+                )
+
+    def pending(self, wait: float) -> str | None:
+        """A line the engine wrote unasked within ``wait`` seconds, or None (end of output
+        is not a line)."""
+        try:
+            item = self._lines.get(timeout=wait)
+        except queue.Empty:
+            return None
+        if item is _EOF or isinstance(item, Exception):
+            self._lines.put(item)
+            return None
+        return item.decode("utf-8", "replace").rstrip("\r\n")
 
     # -- writing ----------------------------------------------------------------------
 
@@ -189,14 +266,15 @@ class LineProcess:
             seen = now
 
     def kill(self) -> None:
-        if self.alive():
-            try:
-                if os.name == "posix":
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                else:
-                    self.process.kill()
-            except ProcessLookupError:
-                pass
+        _LIVE.discard(self)
+        try:
+            if os.name == "posix":
+                # The whole group, even when the leader has exited: what it started may not have.
+                os.killpg(self.process.pid, signal.SIGKILL)
+            elif self.alive():
+                self.process.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
