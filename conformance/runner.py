@@ -141,6 +141,7 @@ def run_matrix(
     on_skip: Callable[[str, str, str], None] | None = None,
     on_done: Callable[[str, str, dict, float], None] | None = None,
     against: str = "reference",
+    oracles: dict | None = None,
 ) -> list[CaseResult]:
     """Every selected case for every (model, engine); unusable engines give "skipped" rows.
 
@@ -148,6 +149,7 @@ def run_matrix(
     snapshots do not cover are "skipped", with the reason.
     ``on_skip(engine, model, why)`` hears of engines (or snapshots) that could not
     be used; ``on_done(engine, model, description, seconds)`` of each finished column.
+    ``oracles``: oracles already opened (and so validated) by the caller, by model.
     """
     catalogue = load_cases()
     results: list[CaseResult] = []
@@ -156,7 +158,7 @@ def run_matrix(
         if not cases:
             continue
         try:
-            oracle = open_oracle(model, against)
+            oracle = (oracles or {}).get(model) or open_oracle(model, against)
         except SnapshotError as error:
             for spec in engines:
                 if on_skip:

@@ -66,16 +66,15 @@ def test_a_failing_engine_gives_exit_status_1_and_its_diagnostic(capsys):
     assert "FAIL" in out and "top_k 5 allows 5 tokens, but the engine drew" in out
 
 
-def test_an_engine_asked_for_but_not_installed_is_a_clear_skip(monkeypatch, capsys):
+def test_an_engine_asked_for_but_not_installed_is_an_input_error(monkeypatch, capsys):
     monkeypatch.setattr(
         registry, "missing_requirements", lambda name: ["torch"] if name == "transformers" else []
     )
     rc = main(["check", "--engine", "transformers", "--model", "dummy", "--cases", "greedy/hello"])
-    _, err = capsys.readouterr()
+    out, err = capsys.readouterr()
     assert rc == 2
-    assert (
-        "skipping engine transformers" in err and "pip install" in err and "missing: torch" in err
-    )
+    assert "--engine transformers" in err and "pip install" in err and "missing: torch" in err
+    assert out == ""  # refused before any case ran
 
 
 def test_an_unknown_engine_is_reported_not_raised(capsys):
@@ -96,7 +95,8 @@ def test_without_arguments_the_default_matrix_runs_reference_and_installed_peers
 
     monkeypatch.setattr(runner, "run_matrix", fake_run_matrix)
     monkeypatch.setattr(registry, "installed_peers", lambda: ["mlx-lm"])
-    assert main(["check"]) == 0
+    assert main(["check"]) == 2  # nothing was checked (the fake ran no case): not a success
+    assert "no case was checked" in capsys.readouterr().err
     assert seen == {"engines": ["reference", "mlx-lm"], "models": ["dummy", "smollm2-135m"]}
 
 

@@ -4,8 +4,9 @@ With no arguments it runs the default matrix: the reference and every
 installed peer engine (mlx-lm, transformers) on ``dummy`` and
 ``smollm2-135m``. Progress goes to stderr, the matrix and the diagnostics of
 every fail and near-tie to stdout; ``--json``, ``--markdown`` and ``--junit``
-write reports. The exit status is 1 if any case failed, 2 if an engine that
-was asked for by name cannot be used here, else 0.
+write reports. Every input is checked before any case runs (see the exit
+status below); a run stopped by a signal or an internal error still writes
+the reports of the cases it finished.
 
 ``--against snapshots`` compares with the committed golden snapshots of the
 reference instead of running it (no MLX needed); ``--against DIR`` with
@@ -15,13 +16,32 @@ snapshots written by ``lmconform snapshot``.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 DEFAULT_MODELS = ("dummy", "smollm2-135m")
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a longer per-case limit is a typo
+REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
+EXIT_CODES = """exit status:
+  0    every checked case passed (pass or near-tie), and at least one case was checked
+  1    an engine failed a case (a finding, not an error of the run)
+  2    a usage or input error, found before any case runs: unknown engine, a --model
+       or --cases pattern matching no case, a bad option or LMCONFORM_CMD_* value,
+       an unusable --against folder (empty, unreadable, corrupt or conflicting
+       snapshot files), an unwritable report path; also: an engine asked for by name
+       could not be opened, or no selected case could be checked (all unsupported)
+  3    an internal error of lmconform (traceback saved to a file, its path printed)
+  130  stopped by SIGINT, 143 by SIGTERM: engines stopped, reports of finished cases written"""
+
+
+class InputError(Exception):
+    """A bad option or input: exit status 2, with a one-line message."""
 
 
 def add_parser(subparsers) -> None:
@@ -29,6 +49,8 @@ def add_parser(subparsers) -> None:
         "check",
         help="validate engines against the reference (conformance matrix)",
         description=__doc__.split("\n\n")[0] + " " + " ".join(__doc__.split("\n\n")[1].split()),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--engine",
@@ -47,7 +69,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--markdown", metavar="FILE", help="write a Markdown report")
     parser.add_argument("--junit", metavar="FILE", help="write JUnit XML (for CI)")
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="time limit per case in seconds (default 600)"
+        "--timeout",
+        type=seconds_option,
+        default=600.0,
+        help="time limit per case in seconds (default 600)",
     )
     parser.add_argument(
         "--against",
@@ -61,102 +86,265 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def seconds_option(text: str) -> float:
+    """A time limit: a finite number of seconds in (0, MAX_TIMEOUT_S] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, a number in (0, {MAX_TIMEOUT_S:g}], got {text!r}"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        plan = prepare(args)
+    except InputError as error:
+        print(f"lmconform check: {error}", file=sys.stderr)
+        return 2
+    if args.list:
+        for model, cases in plan.cases.items():
+            print(f"{model}:")
+            for case in cases:
+                print(f"  {case.id:40s} {case.kind:13s} {case.about}")
+        return 0
+    return execute(args, plan)
+
+
+class Plan:
+    """What a run will do, every input already checked."""
+
+    def __init__(self, models, cases, engines, explicit, oracles):
+        self.models: list[str] = models
+        self.cases: dict[str, list] = cases  # model -> selected cases
+        self.engines: list[str] = engines
+        self.explicit: bool = explicit  # engines were asked for by name
+        self.oracles: dict[str, object] = oracles  # model -> snapshot oracle (--against)
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Check every option and input; ``InputError`` names the first bad one."""
     from conformance.catalogue import load_cases, select_cases
     from conformance.profiles import get_profile
-    from conformance.report import (
-        any_failed,
-        format_matrix,
-        format_problems,
-        write_json,
-        write_junit,
-        write_markdown,
-    )
-    from conformance.runner import run_matrix
-    from engines.registry import EngineUnavailable, engine_class, installed_peers
 
-    models = args.model or list(DEFAULT_MODELS)
     if args.profile:
         try:
             get_profile(args.profile)  # fail early on a typo, before any model loads
         except ValueError as error:
-            print(f"lmconform check: {error}", file=sys.stderr)
-            return 2
-    if args.against not in ("reference", "snapshots") and not Path(args.against).is_dir():
-        print(
-            f"lmconform check: --against {args.against!r} is neither 'reference', "
-            "'snapshots' nor a folder",
-            file=sys.stderr,
-        )
-        return 2
+            raise InputError(f"--profile: {error}") from None
+    catalogue = load_cases()
+    known = sorted({m for case in catalogue for m in case.models})
+    models = list(dict.fromkeys(args.model or DEFAULT_MODELS))
+    for model in models:
+        if model not in known:
+            raise InputError(
+                f"--model {model!r}: no case of the catalogue runs on it; models: {', '.join(known)}"
+            )
+    if args.cases is not None:
+        patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
+        if not patterns:
+            raise InputError(f"--cases {args.cases!r}: no pattern given")
+        for pattern in patterns:
+            if not any(select_cases(catalogue, m, pattern) for m in models):
+                raise InputError(
+                    f"--cases: {pattern!r} matches no case on {', '.join(models)} "
+                    "(see: lmconform check --list)"
+                )
+    cases = {m: select_cases(catalogue, m, args.cases) for m in models}
+    cases = {m: c for m, c in cases.items() if c}
+    if not cases:
+        raise InputError(f"--cases {args.cases!r}: no case runs on {', '.join(models)}")
     if args.list:
-        catalogue = load_cases()
-        for model in models:
-            print(f"{model}:")
-            for case in select_cases(catalogue, model, args.cases):
-                print(f"  {case.id:40s} {case.kind:13s} {case.about}")
-        return 0
+        return Plan(list(cases), cases, [], False, {})
+    check_report_paths(args)
+    oracles = open_snapshots(args.against, cases, explicit_models=args.model is not None)
+    cases = {m: c for m, c in cases.items() if args.against == "reference" or m in oracles}
+    engines = check_engines(args.engine)
+    return Plan(list(cases), cases, engines, args.engine is not None, oracles)
 
-    explicit = args.engine is not None
-    engines = args.engine or ["reference", *installed_peers()]
-    unusable = []
-    for spec in engines:
+
+def check_report_paths(args: argparse.Namespace) -> None:
+    """Each report path must be a file that can be created in an existing folder."""
+    seen: dict[Path, str] = {}
+    for attribute, option in REPORTS:
+        value = getattr(args, attribute)
+        if value is None:
+            continue
+        path = Path(value)
+        resolved = path.resolve()
+        if resolved in seen:
+            raise InputError(f"{option} {value}: the same file as {seen[resolved]}")
+        seen[resolved] = option
+        if path.is_dir():
+            raise InputError(f"{option} {value}: is a folder, not a file")
+        if not path.parent.is_dir():
+            raise InputError(f"{option} {value}: folder {path.parent} does not exist")
+        try:  # the only sure test of "writable": write something there
+            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise InputError(f"{option} {value}: cannot write there ({error.strerror})") from None
+        if path.exists() and not os.access(path, os.W_OK):
+            raise InputError(f"{option} {value}: the file exists and is not writable")
+
+
+def open_snapshots(against: str, cases: dict[str, list], explicit_models: bool) -> dict:
+    """The snapshot oracle of every model (``--against`` other than reference), read and
+    validated whole now, so that a bad file stops the run before it starts."""
+    if against == "reference":
+        return {}
+    from conformance.snapshots.oracle import SnapshotOracle
+    from conformance.snapshots.store import GOLDEN_DIR, SnapshotError, snapshot_groups
+
+    folder = GOLDEN_DIR if against == "snapshots" else Path(against)
+    if against != "snapshots":
+        if not folder.is_dir():
+            raise InputError(
+                f"--against {against!r} is neither 'reference', 'snapshots' nor a folder"
+            )
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise InputError(f"--against {against}: the folder cannot be read")
+    oracles = {}
+    for model in cases:
+        if not snapshot_groups(folder, model) and not explicit_models:
+            print(f"lmconform check: no snapshots of {model} in {folder}; skipping it",
+                  file=sys.stderr)
+            continue
+        try:
+            oracles[model] = SnapshotOracle(model, folder)
+        except SnapshotError as error:
+            raise InputError(f"--against {against}: {error}") from None
+        except OSError as error:
+            raise InputError(f"--against {against}: {error}") from None
+    if not oracles:
+        raise InputError(
+            f"--against {against}: no snapshots of {', '.join(cases)} in {folder}"
+        )
+    return oracles
+
+
+def check_engines(specs: list[str] | None) -> list[str]:
+    """Engines asked for by name must all be usable; the default skips missing peers."""
+    from engines.registry import EngineUnavailable, engine_class, installed_peers
+
+    if specs is None:
+        return ["reference", *installed_peers()]
+    for spec in specs:
         try:
             engine_class(spec)
         except EngineUnavailable as error:
-            unusable.append(spec)
-            print(f"lmconform check: skipping engine {spec}: {error}", file=sys.stderr)
+            raise InputError(f"--engine {spec}: {error}") from None
+    return list(dict.fromkeys(specs))
+
+
+def execute(args: argparse.Namespace, plan: Plan) -> int:
+    """Run the plan; whatever stops it, write the reports of the cases that finished."""
+    from conformance.report import any_failed, format_matrix, format_problems
+    from conformance.runner import FAIL, NEAR_TIE, PASS, run_matrix
 
     progress = Progress(sys.stderr)
     described: dict[str, str] = {}
     timings: dict[str, str] = {}
+    finished = []  # every case result as it comes: what a stopped run still reports
+    skipped_by_name: list[str] = []
+
+    def on_progress(engine, model, index, total, case, result) -> None:
+        if result is not None:
+            finished.append(result)
+        progress(engine, model, index, total, case, result)
+
+    def on_skip(engine: str, model: str, why: str) -> None:
+        skipped_by_name.append(engine)
+        print(f"lmconform check: skipping {engine} @ {model}: {why}", file=sys.stderr)
 
     def on_done(engine: str, model: str, description: dict, seconds: float) -> None:
         described[engine] = description.get("version", engine)
         timings[f"{engine} @ {model}"] = f"{seconds:.1f} s"
 
     started = time.perf_counter()
-    results = run_matrix(
-        [e for e in engines if e not in unusable],
-        models,
-        pattern=args.cases,
-        profile_name=args.profile,
-        timeout=args.timeout,
-        progress=progress,
-        on_skip=lambda engine, model, why: print(
-            f"lmconform check: skipping {engine} @ {model}: {why}", file=sys.stderr
-        ),
-        on_done=on_done,
-        against=args.against,
-    )
+
+    def meta(results, stopped: str = "") -> dict:
+        data = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "engines": described,
+            "compared with": "the reference, live"
+            if args.against == "reference"
+            else f"snapshots ({'committed golden' if args.against == 'snapshots' else args.against})",
+            "profiles": {
+                m: sorted({r.profile for r in results if r.model == m}) for m in plan.models
+            },
+            "time per engine and model": timings,
+            "total time": f"{time.perf_counter() - started:.1f} s",
+            "machine": f"{platform.machine()}, {platform.system()}, "
+            f"Python {platform.python_version()}",
+        }
+        if stopped:
+            data["stopped"] = stopped
+        return data
+
+    try:
+        results = run_matrix(
+            plan.engines,
+            plan.models,
+            pattern=args.cases,
+            profile_name=args.profile,
+            timeout=args.timeout,
+            progress=on_progress,
+            on_skip=on_skip,
+            on_done=on_done,
+            against=args.against,
+            oracles=plan.oracles,
+        )
+    except BaseException as stop:  # a signal, or a bug: keep what was finished, then go on
+        progress.finish()
+        why = f"the run was stopped early ({type(stop).__name__}: {stop})"
+        write_reports(args, finished, meta(finished, why))
+        raise
     progress.finish()
-    if not results:
-        print("lmconform check: no case matches", file=sys.stderr)
-        return 2 if unusable else 0
-    meta = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "engines": described,
-        "compared with": "the reference, live"
-        if args.against == "reference"
-        else f"snapshots ({'committed golden' if args.against == 'snapshots' else args.against})",
-        "profiles": {m: sorted({r.profile for r in results if r.model == m}) for m in models},
-        "time per engine and model": timings,
-        "total time": f"{time.perf_counter() - started:.1f} s",
-        "machine": f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}",
-    }
     print(format_matrix(results))
     problems = format_problems(results)
     if problems:
         print("\n" + problems)
-    if args.json:
-        write_json(args.json, results, meta)
-    if args.markdown:
-        write_markdown(args.markdown, results, meta)
-    if args.junit:
-        write_junit(args.junit, results)
+    status = 0 if write_reports(args, results, meta(results)) else 2
     if any_failed(results):
         return 1
-    return 2 if explicit and unusable else 0
+    if plan.explicit and skipped_by_name:
+        return 2
+    if not any(r.verdict in (PASS, NEAR_TIE, FAIL) for r in results):
+        print(
+            "lmconform check: no case was checked (every selected case was unsupported "
+            "or skipped)",
+            file=sys.stderr,
+        )
+        return 2
+    return status
+
+
+def write_reports(args: argparse.Namespace, results: list, meta: dict) -> bool:
+    """Write every report asked for, each on its own: one that fails does not stop the
+    others. Returns whether all were written."""
+    from conformance.report import write_json, write_junit, write_markdown
+
+    writers = {
+        "json": lambda path: write_json(path, results, meta),
+        "markdown": lambda path: write_markdown(path, results, meta),
+        "junit": lambda path: write_junit(path, results),
+    }
+    ok = True
+    for attribute, option in REPORTS:
+        path = getattr(args, attribute)
+        if path is None:
+            continue
+        try:
+            writers[attribute](path)
+        except OSError as error:
+            ok = False
+            print(f"lmconform check: {option} {path}: not written ({error})", file=sys.stderr)
+    return ok
 
 
 class Progress:
