@@ -244,10 +244,26 @@ def _text_token(ref: str, oracle: Oracle) -> int | None:
     return ids[0]
 
 
-def check_expectations(case: Case, tokens: list[int], finish_reason: str | None, text: str) -> None:
-    """Raise ``CatalogueError`` if the reference's answer no longer shows what the case needs."""
+def check_expectations(
+    case: Case,
+    tokens: list[int],
+    finish_reason: str | None,
+    text: str,
+    smallest_margin: float | None = None,
+) -> None:
+    """Raise ``CatalogueError`` if the reference's answer no longer shows what the case needs.
+
+    ``smallest_margin`` is the reference's smallest top-1/top-2 margin along its path
+    (``conditioning.py``), for cases that need a near-tie (``smallest_margin_below``).
+    """
     expect = case.expect
     problems = []
+    if "smallest_margin_below" in expect and not (
+        smallest_margin is not None and smallest_margin < expect["smallest_margin_below"]
+    ):
+        problems.append(
+            f"smallest margin {smallest_margin}, expected below {expect['smallest_margin_below']}"
+        )
     if "finish_reason" in expect and finish_reason != expect["finish_reason"]:
         problems.append(f"finish_reason {finish_reason!r}, expected {expect['finish_reason']!r}")
     if "length" in expect and len(tokens) != expect["length"]:

@@ -6,13 +6,27 @@ request, or the engine's own baseline in a self-consistency check):
 
 1. Tokens must match exactly up to the first divergence.
 2. At a divergence the *expected* side's log-probability margin between the
-   two tokens decides. Below the profile's ``tie_epsilon`` it is a near-tie:
-   the comparison passes with a note and stops there (after a different token
-   the two continuations share nothing). Anything else fails, with a
-   diagnostic: step, both tokens decoded, both logprobs, top-5 of each side.
+   two tokens decides. Below the profile's ``tie_epsilon`` it is a near-tie;
+   anything else fails, with a diagnostic: step, both tokens decoded, both
+   logprobs, top-5 of each side.
 3. Over the matched prefix, chosen-token logprobs must agree within the
    profile's tolerance (where both sides reported them).
 4. With no divergence, lengths and finish reasons must agree.
+5. After a near-tie the two traces share nothing more, so the comparison
+   *resumes on the engine's path* when the caller can say what the reference
+   makes of that path (``resume``: the reference teacher-forced on the
+   engine's tokens, see ``ReferenceOracle.continuation``). Every later step is
+   judged there: the engine's token must be the reference's top token or
+   within ``tie_epsilon`` of it (another near-tie, counted), and its logprob
+   must agree with the reference's logprob of that token. Finish reason and
+   length need no comparison on the engine's path: ``validation.py`` already
+   holds them to the request (an end token ends it, "length" means exactly
+   ``max_tokens``), and the last token is judged like any other. More than
+   ``profile.max_near_ties`` near-ties make the comparison *near-tie-limited*
+   (a near-tie verdict, not a fail: the case is too ill-conditioned for the
+   engine to say more). Without ``resume`` (a self-consistency check, or
+   snapshots that cannot score new continuations) the comparison stops at the
+   first near-tie and says how many steps it left unjudged.
 
 When the expected side did not list the engine's token among its top
 logprobs, the margin is at least (its own logprob - the smallest listed
@@ -31,6 +45,14 @@ Decode = Callable[[list[int]], str]
 TokenText = Callable[[int], str]
 
 PASS, NEAR_TIE, FAIL = "pass", "near-tie", "fail"
+
+# What the reference makes of the engine's tokens: the reference's events along
+# them (token = the engine's token, logprob and top list = the reference's).
+Resume = Callable[[list[int]], Trace]
+
+
+class ResumptionUnavailable(Exception):
+    """The oracle cannot score an engine's own continuation (e.g. replayed snapshots)."""
 
 TOP_SHOWN = 5  # top entries shown on each side in a diagnostic
 CONTEXT_CHARS = 60  # decoded text shown before the step of a diagnostic
@@ -71,9 +93,14 @@ class Diagnostic:
 class Comparison:
     verdict: str  # PASS, NEAR_TIE or FAIL
     summary: str
-    matched_steps: int
+    matched_steps: int  # steps whose tokens equal the expected side's
     max_logprob_error: float | None = None
     diagnostic: Diagnostic | None = None
+    # Resumption after near-ties (rule 5 of the module docstring):
+    near_tie_steps: list[int] = field(default_factory=list)  # where the engine took a near-tie
+    judged_steps: int | None = None  # steps judged in all (None: no near-tie, all of them)
+    unjudged_steps: int = 0  # engine steps after a near-tie that nothing could judge
+    near_tie_limited: bool = False  # more near-ties than the profile's cap
 
     def render(self, expected_label: str = "reference", actual_label: str = "engine") -> str:
         """A multi-line, human-readable account of the comparison."""
@@ -92,11 +119,13 @@ def compare_traces(
     expected_label: str = "reference",
     actual_label: str = "engine",
     token_text: TokenText | None = None,
+    resume: Resume | None = None,
 ) -> Comparison:
     """Judge ``actual`` against ``expected`` (see the module docstring).
 
     ``decode`` turns token lists into text (for context); ``token_text`` shows one
-    token (default: ``decode`` of it alone).
+    token (default: ``decode`` of it alone); ``resume`` gives the reference's events
+    along the engine's tokens, to go on judging after a near-tie (rule 5).
     """
     show = token_text or (lambda t: decode([t]))
     exp_tokens, act_tokens = expected.tokens, actual.tokens
@@ -118,7 +147,7 @@ def compare_traces(
         return Comparison(FAIL, summary, matched, max_error, logprob_problem)
 
     if diverged_at is not None:
-        return _judge_divergence(
+        first = _judge_divergence(
             expected,
             actual,
             diverged_at,
@@ -128,6 +157,17 @@ def compare_traces(
             max_error,
             expected_label,
             actual_label,
+        )
+        if first.verdict != NEAR_TIE:
+            return first
+        if resume is None:
+            return _stopped_at_near_tie(first, len(actual), "no reference for the engine's path")
+        try:
+            path = resume(actual.tokens)
+        except ResumptionUnavailable as why:
+            return _stopped_at_near_tie(first, len(actual), str(why))
+        return _resume_on_engine_path(
+            first, path, actual, profile, decode, show, expected_label, actual_label
         )
 
     if len(exp_tokens) != len(act_tokens):
@@ -237,6 +277,128 @@ def _judge_divergence(
         why = f"{expected_label} margin {at_least}{margin:.3g} >= epsilon {profile.tie_epsilon:g}"
     summary = f"FAIL: tokens diverge: {choice}; {why} (profile {profile.name})"
     return Comparison(FAIL, summary, step, max_error, d)
+
+
+def _stopped_at_near_tie(first: Comparison, length: int, why: str) -> Comparison:
+    """A near-tie after which nothing can be judged: say so, and count what was left."""
+    step = first.diagnostic.step
+    unjudged = length - step - 1
+    first.near_tie_steps = [step]
+    first.judged_steps = step + 1
+    first.unjudged_steps = unjudged
+    if unjudged:
+        first.summary += f"; {unjudged} later steps unjudged ({why})"
+    return first
+
+
+def _resume_on_engine_path(
+    first: Comparison,
+    path: Trace,
+    actual: Trace,
+    profile: PrecisionProfile,
+    decode: Decode,
+    show: TokenText,
+    expected_label: str,
+    actual_label: str,
+) -> Comparison:
+    """Judge every step from the first near-tie on against ``path``, the reference's events
+    along the engine's own tokens (rule 5 of the module docstring)."""
+    if path.tokens != actual.tokens:
+        raise ValueError("resume() must answer along the engine's tokens")
+    start = first.diagnostic.step
+    ties: list[int] = []
+    max_error = first.max_logprob_error
+    label = f"{expected_label} on {actual_label}'s path"
+    for step in range(start, len(actual)):
+        ref, act = path.events[step], actual.events[step]
+        best, best_logprob = (ref.top_logprobs or [(ref.token, ref.logprob)])[0]
+        if act.token != best:
+            margin = best_logprob - ref.logprob
+            if margin >= profile.tie_epsilon:
+                d = _path_diagnostic("token", step, path, actual, decode, show, best, margin)
+                d.detail = _after_ties(ties)
+                summary = (
+                    f"FAIL: on {actual_label}'s own path, at step {step} {actual_label} chose "
+                    f"{d.actual_text!r} (id {act.token}) where {expected_label}'s top token is "
+                    f"{d.expected_text!r} (id {best}); margin {margin:.3g} >= epsilon "
+                    f"{profile.tie_epsilon:g} (profile {profile.name}); {_after_ties(ties)}"
+                )
+                return _resumed(FAIL, summary, first, d, ties, step + 1, max_error)
+            ties.append(step)
+            if len(ties) > profile.max_near_ties:
+                summary = (
+                    f"near-tie-limited: {len(ties)} near-ties by step {step}, more than the "
+                    f"cap of {profile.max_near_ties} (profile {profile.name}); "
+                    f"{len(actual) - step - 1} later steps unjudged"
+                )
+                result = _resumed(NEAR_TIE, summary, first, first.diagnostic, ties, step + 1, None)
+                result.near_tie_limited = True
+                result.unjudged_steps = len(actual) - step - 1
+                result.max_logprob_error = max_error
+                return result
+        if ref.logprob is None or act.logprob is None:
+            continue
+        error = abs(ref.logprob - act.logprob) if ref.logprob != act.logprob else 0.0
+        max_error = error if max_error is None else max(max_error, error)
+        if not profile.logprobs_agree(ref.logprob, act.logprob):
+            d = _path_diagnostic("logprob", step, path, actual, decode, show, act.token, None)
+            d.tolerance = profile.logprob_tolerance(ref.logprob)
+            d.detail = _after_ties(ties)
+            summary = (
+                f"FAIL: on {actual_label}'s own path, logprob of {d.actual_text!r} at step "
+                f"{step} differs: {label} {ref.logprob:.6g}, {actual_label} {act.logprob:.6g} "
+                f"(|diff| {error:.3g} > tolerance {d.tolerance:.3g}, profile {profile.name}); "
+                f"{_after_ties(ties)}"
+            )
+            return _resumed(FAIL, summary, first, d, ties, step + 1, max_error)
+    error = f", max logprob |diff| {max_error:.2g}" if max_error is not None else ""
+    summary = (
+        f"near-tie: {len(ties)} near-tie{'s' if len(ties) != 1 else ''} crossed (steps "
+        f"{', '.join(map(str, ties))}); all {len(actual)} steps judged, "
+        f"{len(actual) - start} of them on {actual_label}'s own path{error}. First: "
+        + first.summary.removeprefix("near-tie: ")
+    )
+    return _resumed(NEAR_TIE, summary, first, first.diagnostic, ties, len(actual), max_error)
+
+
+def _resumed(verdict, summary, first, diagnostic, ties, judged, max_error) -> Comparison:
+    return Comparison(
+        verdict,
+        summary,
+        first.matched_steps,
+        max_error,
+        diagnostic,
+        near_tie_steps=list(ties),
+        judged_steps=judged,
+    )
+
+
+def _after_ties(ties: list[int]) -> str:
+    steps = ", ".join(map(str, ties))
+    return f"after {len(ties)} near-tie{'s' if len(ties) != 1 else ''} crossed (steps {steps})"
+
+
+def _path_diagnostic(kind, step, path, actual, decode, show, expected_token, margin):
+    """A diagnostic on the engine's path: the reference's view is ``path.events[step]``."""
+    ref, act = path.events[step], actual.events[step]
+    ref_top = dict(ref.top_logprobs or [])
+    act_top = dict(act.top_logprobs or [])
+    return Diagnostic(
+        kind=kind,
+        step=step,
+        context=_context(actual.tokens[:step], decode),
+        expected_token=expected_token,
+        expected_text=show(expected_token),
+        actual_token=act.token,
+        actual_text=show(act.token),
+        expected_logprob=ref_top.get(expected_token, ref.logprob),
+        expected_logprob_of_actual=ref.logprob,
+        actual_logprob=act.logprob,
+        actual_logprob_of_expected=act_top.get(expected_token),
+        margin=margin,
+        expected_top=_ranked(ref, show),
+        actual_top=_ranked(act, show),
+    )
 
 
 def _check_logprobs(expected, actual, matched, profile, decode, show):

@@ -14,7 +14,8 @@ from dataclasses import replace
 import numpy as np
 
 from conformance.profiles import PrecisionProfile, profile_for_model
-from engines.protocol import GenerateRequest, ScoreRequest, Trace
+from engines.adapters.base import event_from_logprobs
+from engines.protocol import GenerateRequest, SamplerSettings, ScoreRequest, Trace
 from engines.registry import open_engine
 from engines.serialization import dumps
 
@@ -79,6 +80,58 @@ class ReferenceOracle:
         if key not in self._answers:
             self._answers[key] = Trace(self.engine.score(request))
         return self._answers[key]
+
+    def continuation(self, request: GenerateRequest, tokens: list[int]) -> Trace:
+        """The reference teacher-forced on ``tokens`` (an engine's greedy answer to
+        ``request``): at each step, the reference's logprobs at the prefix the engine
+        had produced, with ``REFERENCE_TOP`` top logprobs. ``event.token`` is the
+        engine's token; the comparator resumes on this after a near-tie.
+
+        A request whose settings do not shape the logits goes through the reference's
+        ``score`` path (one forward pass over prompt + tokens). Logit bias,
+        penalties, a bounded KV cache or an embeddings prompt do shape them, so those
+        are decoded with the request's own settings and a sampler that picks the
+        engine's tokens. A draft model and a cache key change nothing in a correct
+        greedy answer, and are left out.
+        """
+        key = f"continuation:{dumps(request)}:{list(tokens)}"
+        if key not in self._answers:
+            plain = (
+                not request.processors.active
+                and request.max_kv_size is None
+                and request.prompt_embeddings is None
+            )
+            if plain:
+                scored = ScoreRequest(list(request.prompt), list(tokens), REFERENCE_TOP)
+                self._answers[key] = Trace(self.engine.score(scored))
+            else:
+                self._answers[key] = Trace(self._forced_decoding(request, list(tokens)))
+        return self._answers[key]
+
+    def _forced_decoding(self, request: GenerateRequest, tokens: list[int]):
+        import mlx.core as mx  # only the live reference needs MLX (snapshots do not)
+
+        plain = replace(request, draft=None, cache_key=None, sampler=SamplerSettings())
+        kwargs = self.engine.generation_kwargs(plain)
+        calls = 0
+
+        def forced(logprobs: mx.array) -> mx.array:
+            # generate_step asks for one token beyond max_tokens (it computes ahead).
+            nonlocal calls
+            token = tokens[min(calls, len(tokens) - 1)]
+            calls += 1
+            return mx.array([token], dtype=mx.int32)
+
+        kwargs["sampler"] = forced
+        steps = self.engine.api.generate_step(
+            self.engine.prompt_array(plain), self.engine.model, max_tokens=len(tokens), **kwargs
+        )
+        return [
+            event_from_logprobs(
+                token, np.array(logprobs.astype(mx.float32)), self.vocab_size, REFERENCE_TOP
+            )
+            for token, logprobs in steps
+        ]
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(list(tokens))

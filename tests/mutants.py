@@ -338,6 +338,55 @@ class StreamDropsFinalText(Control):
             yield replace(event, text="") if event.finish_reason is not None else event
 
 
+class NoisyLogits(Control):
+    """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
+
+    Every logit moves by at most ``amplitude`` (deterministically: a fixed pattern
+    per step), and at each step the two best logits move towards each other, as
+    the worst rounding would move them: every reference margin under
+    2 x ``amplitude`` flips. Chosen-token logprobs then differ from the reference's
+    by at most 2 x ``amplitude`` = 1.8e-3, inside fp32's tolerance (2e-3), while
+    margins under 1.8e-3 (fp32's near-tie epsilon is 1e-2) take the other branch.
+    """
+
+    name = "noisy-logits"
+    amplitude = 9e-4
+
+    def generation_kwargs(self, request):
+        kwargs = super().generation_kwargs(request)
+        kwargs["logits_processors"] = [*(kwargs.get("logits_processors") or []), self.noise]
+        return kwargs
+
+    def noise(self, tokens, logits):
+        values = np.array(logits.astype(mx.float32))  # (1, vocab)
+        step = int(tokens.size)
+        pattern = np.sin(np.arange(values.shape[-1]) * 12.9898 + step * 78.233)
+        values += self.amplitude * pattern
+        best, second = np.argsort(-values[0])[:2]
+        if values[0, best] - values[0, second] < 2 * self.amplitude:
+            values[0, best] -= self.amplitude
+            values[0, second] += self.amplitude
+        return mx.array(values).astype(logits.dtype)
+
+
+class NoisyThenPositionSlip(NoisyLogits):
+    name = "mutant-noisy-position-slip"
+    bug = (
+        "a correct-but-noisy engine (NoisyLogits) whose RoPE position slips by one once "
+        "the cache passes prompt + 7 positions (a reallocation that miscounts its offset)"
+    )
+    caught_by = ("resumption/near_tie",)
+    slip_after = 7  # decoded tokens before the slip: after the case's near-tie at step 5
+
+    def generation_kwargs(self, request):
+        kwargs = super().generation_kwargs(request)
+        if "prompt_cache" not in kwargs and request.prompt_embeddings is None:
+            layers = reference.make_prompt_cache(self.model, max_kv_size=request.max_kv_size)
+            start = len(request.prompt) + self.slip_after
+            kwargs["prompt_cache"] = [ShiftedDecodeCache(c, start, 1) for c in layers]
+        return kwargs
+
+
 MUTANTS = [
     MaxTokensOffByOne,
     EosIgnored,

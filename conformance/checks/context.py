@@ -6,6 +6,11 @@ answers are validated (``validation.py``) before anything compares them, an
 engine that streams more events than ``max_tokens`` is cut off, and every
 comparison is recorded as a ``Finding`` with a readable account.
 
+A comparison whose expected side is a reference answer (``reference()``) of a
+greedy request resumes after a near-tie on the engine's own path: the oracle
+scores the engine's tokens (``oracle.continuation``) and the comparator judges
+every later step there (``comparator.py``, rule 5).
+
 Text pieces are checked in the cases about text (``params.check_text``) and in
 every ``stream`` case, not everywhere: one detokenizer difference would
 otherwise fail every case of an engine and hide what the other cases show.
@@ -13,11 +18,11 @@ otherwise fail every case of an engine and hide what the other cases show.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conformance.catalogue import Case, build_request, check_expectations
-from conformance.comparator import FAIL, Comparison, Diagnostic, compare_traces
+from conformance.comparator import FAIL, Comparison, Diagnostic, Resume, compare_traces
 from conformance.conditioning import Conditioning, conditioning_of
 from conformance.oracle import ReferenceOracle
 from conformance.profiles import PrecisionProfile
@@ -44,6 +49,8 @@ class Finding:
     summary: str
     details: str = ""
     diagnostic: Diagnostic | None = None
+    near_tie_steps: list[int] = field(default_factory=list)  # near-ties the engine took
+    unjudged_steps: int = 0  # engine steps after a near-tie nothing could judge
 
 
 class CaseContext:
@@ -55,6 +62,10 @@ class CaseContext:
         self.findings: list[Finding] = []
         self.conditioning: Conditioning | None = None
         self._requests: dict[str, GenerateRequest] = {}
+        # The request behind each reference answer handed out, by the answer's identity
+        # (the oracle keeps its answers, so identities stay valid): compare() needs it
+        # to score the engine's own continuation after a near-tie.
+        self._answered: dict[int, GenerateRequest] = {}
         self.checks_text = bool(case.params.get("check_text")) or case.kind == "stream"
 
     @property
@@ -83,20 +94,31 @@ class CaseContext:
     # -- the reference's side -------------------------------------------------------------
 
     def reference(self, request: GenerateRequest, top: int | None = None) -> Trace:
-        return self.oracle.answer(request) if top is None else self.oracle.answer(request, top)
+        trace = self.oracle.answer(request) if top is None else self.oracle.answer(request, top)
+        self._answered[id(trace)] = request
+        return trace
+
+    def resumption(self, expected: Trace) -> Resume | None:
+        """How to go on after a near-tie against ``expected``: only a reference answer to a
+        greedy request can be resumed (the reference's top token is then the rule)."""
+        request = self._answered.get(id(expected))
+        if request is None or not request.sampler.greedy:
+            return None
+        return lambda tokens: self.oracle.continuation(request, tokens)
 
     def primary_reference(self, request: GenerateRequest) -> Trace:
         """The reference's answer to the case's main request: checked against the case's
         expectations, and the source of the case's conditioning."""
         trace = self.reference(request)
+        if request.sampler.greedy:
+            self.conditioning = conditioning_of(trace, self.profile.tie_epsilon)
         check_expectations(
             self.case,
             trace.tokens,
             trace.finish_reason,
             self.oracle.decode([t for t in trace.tokens if t not in self.oracle.end_tokens]),
+            self.conditioning.min_margin if self.conditioning else None,
         )
-        if request.sampler.greedy:
-            self.conditioning = conditioning_of(trace, self.profile.tie_epsilon)
         return trace
 
     # -- the engine's side -----------------------------------------------------------------
@@ -221,6 +243,7 @@ class CaseContext:
             expected_label=expected_label,
             actual_label=actual_label,
             token_text=self.oracle.token_text,
+            resume=self.resumption(expected),
         )
         self.findings.append(
             Finding(
@@ -229,6 +252,8 @@ class CaseContext:
                 summary=result.summary,
                 details=result.render(expected_label, actual_label),
                 diagnostic=result.diagnostic,
+                near_tie_steps=result.near_tie_steps,
+                unjudged_steps=result.unjudged_steps,
             )
         )
         return result

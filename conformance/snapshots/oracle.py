@@ -22,6 +22,11 @@ where a check builds requests from the engine's own outputs:
   for the reference's logprobs at every prefix the engine's draws reach, and
   another engine's draws reach other prefixes than the reference's did.
 
+- resumption after a near-tie (``comparator.py``, rule 5) needs the reference's
+  logprobs along the engine's own tokens; a snapshot holds only the reference's
+  own path, so ``continuation`` says so, the comparison stops at the near-tie
+  and its verdict counts the steps left unjudged.
+
 Snapshots mark such cases (and those needing more logprobs than a snapshot
 stores) ``not_replayable``; they are skipped, and ``missing`` says why.
 """
@@ -35,6 +40,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from conformance.catalogue import Case, CatalogueError
+from conformance.comparator import ResumptionUnavailable
 from conformance.oracle import BYTE_OF_CHAR, REFERENCE_TOP
 from conformance.profiles import PrecisionProfile, profile_for_model
 from conformance.snapshots.store import (
@@ -168,6 +174,16 @@ class SnapshotOracle:
     def answer_score(self, request: ScoreRequest) -> Trace:
         asked = replace(request, top_logprobs=REFERENCE_TOP)
         return self._lookup(self._answers, request_key(asked), _describe(asked))
+
+    def continuation(self, request: GenerateRequest, tokens: list[int]) -> Trace:
+        """The reference along the engine's tokens: only where they are the stored path."""
+        stored = self.answer(request)
+        if stored.tokens == list(tokens):
+            return stored
+        raise ResumptionUnavailable(
+            "snapshots hold the reference's own path only and cannot score the engine's "
+            "continuation; check against the live reference to judge it"
+        )
 
     def decode(self, tokens: list[int]) -> str:
         return self.vocabulary.decode(tokens)
