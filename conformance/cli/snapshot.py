@@ -22,11 +22,24 @@ from pathlib import Path
 DEFAULT_MODELS = ("dummy",)
 
 
+EXIT_CODES = """exit status:
+  0    every selected case was recorded
+  2    a usage or input error, found before anything runs: unknown engine, a --model or
+       --cases pattern matching no case, a bad option value, an --out folder that cannot
+       be written; also: the engine could not be opened for a model
+  3    an internal error of lmconform (traceback saved to a file, its path printed)
+  130  stopped by SIGINT, 143 by SIGTERM (files already written stay whole)"""
+
+
 def add_parser(subparsers) -> None:
+    from conformance.cli.check import seconds_option
+
     parser = subparsers.add_parser(
         "snapshot",
         help="store an engine's answers to the case catalogue (for check --against DIR)",
         description=" ".join(__doc__.split("\n\n")[1].split()),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--engine",
@@ -42,9 +55,48 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cases", help="case ids: substrings or globs, comma-separated")
     parser.add_argument("--profile", help="precision profile recorded with the snapshots")
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="time limit per case in seconds (default 600)"
+        "--timeout",
+        type=seconds_option,
+        default=600.0,
+        help="time limit per case in seconds (default 600)",
     )
     parser.set_defaults(func=run)
+
+
+def check_inputs(args: argparse.Namespace, catalogue) -> str | None:
+    """The first bad option, as a one-line message; None if all are usable."""
+    import os
+
+    from conformance.catalogue import select_cases
+    from conformance.profiles import get_profile
+    from engines.registry import EngineUnavailable, engine_class
+
+    models = args.model or list(DEFAULT_MODELS)
+    known = sorted({m for case in catalogue for m in case.models})
+    for model in models:
+        if model not in known:
+            return f"--model {model!r}: no case of the catalogue runs on it; models: " + ", ".join(
+                known
+            )
+    for pattern in [p.strip() for p in (args.cases or "").split(",") if p.strip()]:
+        if not any(select_cases(catalogue, m, pattern) for m in models):
+            return f"--cases: {pattern!r} matches no case on {', '.join(models)}"
+    if args.profile:
+        try:
+            get_profile(args.profile)
+        except ValueError as error:
+            return f"--profile: {error}"
+    out = Path(args.out)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"--out {args.out}: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {args.out}: {existing} cannot be written"
+    try:
+        engine_class(args.engine)
+    except EngineUnavailable as error:
+        return f"--engine {args.engine}: {error}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +116,15 @@ def run(args: argparse.Namespace) -> int:
         write_group,
         write_vocabulary,
     )
+    from engines.deadline import Interrupted
     from engines.registry import EngineUnavailable, open_engine
 
     out = Path(args.out)
     catalogue = load_cases()
+    problem = check_inputs(args, catalogue)
+    if problem:
+        print(f"lmconform snapshot: {problem}", file=sys.stderr)
+        return 2
     status = 0
     for model in args.model or list(DEFAULT_MODELS):
         cases = select_cases(catalogue, model, args.cases)
@@ -89,6 +146,16 @@ def run(args: argparse.Namespace) -> int:
                 vocabulary = read_vocabulary(GOLDEN_DIR, model)
         except (EngineUnavailable, SnapshotError) as error:
             print(f"lmconform snapshot: {args.engine} @ {model}: {error}", file=sys.stderr)
+            status = 2
+            continue
+        except Interrupted:
+            raise
+        except BaseException as error:  # noqa: BLE001 - the engine's fault, not lmconform's
+            print(
+                f"lmconform snapshot: {args.engine} @ {model}: the engine could not be opened "
+                f"({type(error).__name__}: {error})",
+                file=sys.stderr,
+            )
             status = 2
             continue
         oracle = RecordingOracle(inner)

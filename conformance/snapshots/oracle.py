@@ -49,6 +49,7 @@ from conformance.snapshots.store import (
     SnapshotError,
     VocabularyData,
     case_definition,
+    group_path,
     read_group,
     read_vocabulary,
     request_key,
@@ -120,20 +121,55 @@ class SnapshotOracle:
         self._encode_chat: dict[str, list[int]] = {}
         self._embed: dict[tuple[int, ...], list[list[float]]] = {}
         self._answers: dict[str, Trace] = {}
+        self._source: dict[object, str] = {}  # what came from which file (for conflicts)
         for group in groups:
             snapshot = read_group(self.folder, model, group)
             self.engine_description = snapshot.engine
+            where = str(group_path(self.folder, model, group))
             for case in snapshot.cases.values():
-                self._add(case)
+                self._check_vocabulary(case, where)
+                self._add(case, where)
 
-    def _add(self, case: CaseSnapshot) -> None:
-        self.cases[case.case_id] = case
-        self._encode.update(case.inputs.encode)
-        self._encode_chat.update(case.inputs.encode_chat)
-        for embedding in case.inputs.embed:
-            self._embed[tuple(embedding.tokens)] = embedding.vectors
+    def _check_vocabulary(self, case: CaseSnapshot, where: str) -> None:
+        """Every token id in a snapshot is below the vocabulary size (else: the file is bad)."""
+        ids = [t for table in (case.inputs.encode, case.inputs.encode_chat) for v in
+               table.values() for t in v]
+        ids += [t for e in case.inputs.embed for t in e.tokens]
         for answer in case.answers:
-            self._answers[answer.key] = answer.trace
+            for event in answer.trace.events:
+                ids += [event.token, *(t for t, _ in event.top_logprobs or [])]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SnapshotError(
+                f"{where}: case {case.case_id}: token id {bad[0]} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    def _add(self, case: CaseSnapshot, where: str = "") -> None:
+        """Take in one case; a question answered differently by two copies is an error."""
+        self._keep(self.cases, ("case", case.case_id), case.case_id, case, where, same=False)
+        for name, table in (("encode", self._encode), ("encode_chat", self._encode_chat)):
+            for text, ids in getattr(case.inputs, name).items():
+                self._keep(table, (name, text), text, ids, where)
+        for embedding in case.inputs.embed:
+            key = tuple(embedding.tokens)
+            self._keep(self._embed, ("embed", key), key, embedding.vectors, where)
+        for answer in case.answers:
+            self._keep(self._answers, ("answer", answer.key), answer.key, answer.trace, where)
+
+    def _keep(self, table: dict, what, key, value, where: str, same: bool = True) -> None:
+        """``table[key] = value``, unless a copy from elsewhere differs (``same``: equal
+        copies are fine, as two cases may ask the same question; else any copy conflicts)."""
+        if key in table and (not same or table[key] != value):
+            raise SnapshotError(
+                f"conflicting snapshots: {what[0]} {_short(what[1])} in {where} differs from "
+                f"the copy in {self._source[what]}"
+                if same
+                else f"conflicting snapshots: case {key} is both in {self._source[what]} "
+                f"and in {where}"
+            )
+        table[key] = value
+        self._source.setdefault(what, where)
 
     def default_profile(self, override: str | None = None) -> PrecisionProfile:
         return profile_for_model(self.model, override)
@@ -203,6 +239,11 @@ class SnapshotOracle:
                 "an earlier answer of the engine that differs from the snapshot's, or the "
                 "snapshot is out of date"
             ) from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def _describe(request: GenerateRequest | ScoreRequest) -> str:

@@ -36,6 +36,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -258,8 +259,18 @@ def _rounded(value: Any) -> Any:
 def write_group(folder: Path, group: GroupSnapshot) -> Path:
     path = group_path(folder, group.model, group.group)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(group_to_json(group), encoding="utf-8")
+    _write_atomically(path, group_to_json(group).encode("utf-8"))
     return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A snapshot file is whole or absent: a temporary file beside it, then a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -270,9 +281,14 @@ def group_from_json(text: str, where: str = "snapshot") -> GroupSnapshot:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise SnapshotError(f"{where}: not JSON ({error})") from None
+    except RecursionError:
+        raise SnapshotError(f"{where}: not JSON (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise SnapshotError(f"{where}: format {found!r}, expected {FORMAT!r}")
+    problem = group_schema_problem(data)
+    if problem:
+        raise SnapshotError(f"{where}: {problem}")
     try:
         cases = {cid: _case_from_json(cid, c) for cid, c in data["cases"].items()}
         return GroupSnapshot(data["model"], data["group"], data["engine"], data["profile"], cases)
@@ -286,7 +302,143 @@ def read_group(folder: Path, model: str, group: str) -> GroupSnapshot:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SnapshotError(f"no snapshot file {path}") from None
-    return group_from_json(text, str(path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise SnapshotError(f"{path}: cannot be read ({error})") from None
+    snapshot = group_from_json(text, str(path))
+    if (snapshot.model, snapshot.group) != (model, group):
+        raise SnapshotError(
+            f"{path}: holds model {snapshot.model!r}, group {snapshot.group!r}; its place "
+            f"says model {model!r}, group {group!r}"
+        )
+    return snapshot
+
+
+# -- the schema, checked before anything is read from a file ---------------------------------
+# Each check returns None, or the first problem as "field path: what is wrong".
+
+
+def group_schema_problem(data: dict[str, Any]) -> str | None:
+    for name in ("model", "group", "engine", "profile"):
+        if not isinstance(data.get(name), str):
+            return f"{name}: expected a string, got {data.get(name)!r}"
+    cases = data.get("cases")
+    if not isinstance(cases, dict):
+        return f"cases: expected an object, got {type(cases).__name__}"
+    for case_id, case in cases.items():
+        problem = _case_problem(case)
+        if problem:
+            return f"cases[{case_id!r}].{problem}"
+    return None
+
+
+def _case_problem(case: Any) -> str | None:
+    if not isinstance(case, dict):
+        return f"expected an object, got {type(case).__name__}"
+    for name in ("kind", "about", "definition", "verdict"):
+        if not isinstance(case.get(name), str):
+            return f"{name}: expected a string, got {case.get(name)!r}"
+    if not isinstance(case.get("not_replayable", ""), str):
+        return "not_replayable: expected a string"
+    if case.get("conditioning") is not None and not isinstance(case["conditioning"], dict):
+        return "conditioning: expected an object or null"
+    inputs = case.get("inputs", {})
+    if not isinstance(inputs, dict):
+        return "inputs: expected an object"
+    for name in ("encode", "encode_chat"):
+        table = inputs.get(name, {})
+        if not isinstance(table, dict):
+            return f"inputs.{name}: expected an object"
+        for text, ids in table.items():
+            if not _token_list(ids):
+                return f"inputs.{name}[{text!r}]: expected a list of token ids"
+    embed = inputs.get("embed", [])
+    if not isinstance(embed, list):
+        return "inputs.embed: expected a list"
+    for i, item in enumerate(embed):
+        if not isinstance(item, dict) or not _token_list(item.get("tokens")):
+            return f"inputs.embed[{i}].tokens: expected a list of token ids"
+        vectors = item.get("vectors")
+        if not isinstance(vectors, list) or len(vectors) != len(item["tokens"]):
+            return f"inputs.embed[{i}].vectors: expected one vector per token"
+        if not all(isinstance(v, list) and all(_finite(x) for x in v) for v in vectors):
+            return f"inputs.embed[{i}].vectors: expected lists of finite numbers"
+    answers = case.get("answers")
+    if not isinstance(answers, list):
+        return "answers: expected a list"
+    for i, answer in enumerate(answers):
+        problem = _answer_problem(answer)
+        if problem:
+            return f"answers[{i}].{problem}"
+    return None
+
+
+def _answer_problem(answer: Any) -> str | None:
+    if not isinstance(answer, dict):
+        return f"expected an object, got {type(answer).__name__}"
+    if answer.get("kind") not in ("generate", "score"):
+        return f"kind: expected 'generate' or 'score', got {answer.get('kind')!r}"
+    if not isinstance(answer.get("request"), dict):
+        return "request: expected an object"
+    if not isinstance(answer.get("key"), str) or not answer["key"]:
+        return f"key: expected a request hash, got {answer.get('key')!r}"
+    top = answer.get("top_logprobs")
+    if not _count(top):
+        return f"top_logprobs: expected a count, got {top!r}"
+    steps = answer.get("steps")
+    if not isinstance(steps, list):
+        return "steps: expected a list"
+    for i, step in enumerate(steps):
+        problem = _step_problem(step, last=i == len(steps) - 1, kind=answer["kind"])
+        if problem:
+            return f"steps[{i}].{problem}"
+    return None
+
+
+def _step_problem(step: Any, last: bool, kind: str) -> str | None:
+    if not isinstance(step, dict):
+        return f"expected an object, got {type(step).__name__}"
+    if not _count(step.get("token")):
+        return f"token: expected a token id, got {step.get('token')!r}"
+    if not isinstance(step.get("text", ""), str):
+        return "text: expected a string"
+    if not _logprob_ok(step.get("logprob")):
+        return f"logprob: expected a log-probability or null, got {step.get('logprob')!r}"
+    if step.get("from_draft") not in (None, True, False):
+        return f"from_draft: expected true, false or null, got {step.get('from_draft')!r}"
+    reason = step.get("finish_reason")
+    if reason is not None and (reason not in ("stop", "length") or not last):
+        return f"finish_reason: {reason!r} (only 'stop' or 'length', on the last step)"
+    if kind == "generate" and last and reason is None:
+        return "finish_reason: missing on the last step of a generation"
+    top = step.get("top")
+    if top is not None:
+        if not isinstance(top, list):
+            return "top: expected a list of [token id, logprob] pairs"
+        for j, pair in enumerate(top):
+            if not (isinstance(pair, list) and len(pair) == 2 and _count(pair[0])):
+                return f"top[{j}]: expected [token id, logprob], got {pair!r}"
+            if pair[1] is None or not _logprob_ok(pair[1]):
+                return f"top[{j}]: logprob {pair[1]!r} is not a log-probability"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_count(t) for t in value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _logprob_ok(value: Any) -> bool:
+    """null, a finite number <= 0 (rounding slack 1e-6), or "-inf" (an impossible token)."""
+    if value is None or value == "-inf":
+        return True
+    return _finite(value) and value <= 1e-6
 
 
 def _case_from_json(case_id: str, data: dict[str, Any]) -> CaseSnapshot:
@@ -360,7 +512,7 @@ def write_vocabulary(folder: Path, vocabulary: VocabularyData) -> Path:
     data["added"] = {str(k): v for k, v in vocabulary.added.items()}
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     # mtime=0: the same vocabulary gives byte-identical files (no spurious diffs).
-    path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    _write_atomically(path, gzip.compress(text.encode("utf-8"), mtime=0))
     return path
 
 
@@ -370,5 +522,34 @@ def read_vocabulary(folder: Path, model: str) -> VocabularyData:
         data = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
     except FileNotFoundError:
         raise SnapshotError(f"no vocabulary file {path}") from None
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SnapshotError(f"{path}: not a gzipped JSON vocabulary ({error})") from None
+    problem = _vocabulary_problem(data)
+    if problem:
+        raise SnapshotError(f"{path}: {problem}")
     data["added"] = {int(k): bool(v) for k, v in data["added"].items()}
     return VocabularyData(**data)
+
+
+def _vocabulary_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return "expected a JSON object"
+    known = {f.name for f in fields(VocabularyData)}
+    if set(data) - known or {"model", "vocab_size", "end_tokens", "tokens", "added"} - set(data):
+        return f"fields {sorted(data)}; expected {sorted(known)}"
+    size = data["vocab_size"]
+    if not _count(size) or size == 0:
+        return f"vocab_size: expected a positive integer, got {size!r}"
+    tokens = data["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return "tokens: expected a list of strings"
+    if len(tokens) > size:
+        return f"tokens: {len(tokens)} of them, more than vocab_size {size}"
+    if not _token_list(data["end_tokens"]) or any(t >= size for t in data["end_tokens"]):
+        return f"end_tokens: expected token ids below {size}, got {data['end_tokens']!r}"
+    added = data["added"]
+    if not isinstance(added, dict) or not all(
+        k.isdigit() and int(k) < len(tokens) for k in added
+    ):
+        return "added: expected an object keyed by token ids of the vocabulary"
+    return None
