@@ -11,6 +11,14 @@ Decoding runs one step ahead: step n+1 is queued (``mx.async_eval``) before
 token n is handed to the caller, so Python overhead overlaps the model's work.
 A consequence users can observe, kept for compatibility with mlx-lm: the last
 call of a logits processor sees the prompt plus ``max_tokens`` tokens.
+
+No partial state: every argument is checked before the cache is touched, and
+a sampled id outside the vocabulary is an error (the model is fed a safe id
+meanwhile, never the bad one). If anything raises during generation, the
+prompt cache is rolled back to hold exactly what the caller was given (the
+prompt and the tokens yielded so far, or nothing new if no token was yielded);
+where a sliding window has already evicted positions and cannot be rolled
+back, it is marked unusable, and passing it again raises.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ import mlx.core as mx
 
 from .inputs import (
     as_prompt_array,
+    check_cache_usable,
     check_draft_model,
+    check_logits_processors,
     check_max_tokens,
     check_prefill_step_size,
     check_prompt,
+    check_sampler,
+    vocab_size,
 )
 from .kv_cache import make_prompt_cache
 from .prefill import log_softmax, prefill
@@ -80,13 +92,15 @@ def generate_step(
     check_max_tokens(max_tokens)
     check_prefill_step_size(prefill_step_size)
     check_prompt(model, prompt, input_embeddings)
+    check_sampler(sampler, model)
+    check_logits_processors(logits_processors)
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model, max_kv_size=max_kv_size)
-    elif len(prompt_cache) != len(model.layers):
-        raise ValueError(
-            f"prompt_cache has {len(prompt_cache)} layers, the model has {len(model.layers)}"
-        )
+    else:
+        check_cache_usable(prompt_cache, model)
     sampler = sampler or greedy_sampler
+    n_vocab = vocab_size(model)
+    start = prompt_cache[0].offset if prompt_cache else 0
     progress = prompt_progress_callback or (lambda processed, total: None)
     # Every token seen so far, as logits processors need it. With embeddings
     # alone there are no token ids to show them, as in mlx-lm.
@@ -99,6 +113,9 @@ def generate_step(
 
     def step(tokens: mx.array, embeddings: mx.array | None = None):
         embeddings = embeddings[None] if embeddings is not None else None
+        # A sampled id outside the vocabulary is fed as 0 (it is rejected before it is
+        # handed out, and the position rolled back): the embedding lookup never sees it.
+        tokens = mx.where((tokens >= 0) & (tokens < n_vocab), tokens, 0)
         logits = model(tokens[None], cache=prompt_cache, input_embeddings=embeddings)[:, -1, :]
         remember(tokens)
         if logits_processors and tokens.size:
@@ -116,26 +133,57 @@ def generate_step(
         processed += n
         progress(processed, total)
 
-    with mx.stream(stream or mx.default_stream(mx.default_device())):
-        progress(0, total)
-        prompt, input_embeddings = prefill(
-            model, prompt_cache, prompt, input_embeddings, prefill_step_size, on_chunk
+    n = 0  # tokens handed to the caller
+    try:
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
+            progress(0, total)
+            prompt, input_embeddings = prefill(
+                model, prompt_cache, prompt, input_embeddings, prefill_step_size, on_chunk
+            )
+            y, logprobs = step(prompt, input_embeddings)
+            mx.async_eval(y, logprobs)
+            while True:
+                if n != max_tokens:
+                    next_y, next_logprobs = step(y)
+                    mx.async_eval(next_y, next_logprobs)
+                if n == 0:
+                    mx.eval(y)
+                    progress(total, total)
+                if n == max_tokens:
+                    return
+                yield sampled_id(y, n_vocab), logprobs
+                y, logprobs = next_y, next_logprobs
+                n += 1
+    except GeneratorExit:  # the caller stopped early: the cache holds what it was given
+        raise
+    except BaseException:
+        roll_back(prompt_cache, start + total + n if n else start)
+        raise
+
+
+def sampled_id(y: mx.array, n_vocab: int) -> int:
+    """The sampler's choice as an int, checked against the vocabulary."""
+    if y.size != 1:
+        raise ValueError(f"the sampler returned {y.size} values for one position")
+    token = y.item()
+    if not isinstance(token, int) or not 0 <= token < n_vocab:
+        raise ValueError(f"the sampler chose token {token!r}, outside the vocabulary [0, {n_vocab})")
+    return token
+
+
+def roll_back(prompt_cache: list, offset: int) -> None:
+    """Return every layer to ``offset`` positions, or mark the cache unusable if a layer
+    cannot go back exactly (a sliding window that already evicted positions)."""
+    exact = all(c.size() == c.offset for c in prompt_cache)  # nothing evicted anywhere
+    if exact:
+        for layer in prompt_cache:
+            layer.trim(max(layer.offset - offset, 0))
+        return
+    for layer in prompt_cache:
+        layer.unusable = (
+            "a generation failed after its sliding window had evicted positions, so the "
+            "cache could not be rolled back"
         )
-        y, logprobs = step(prompt, input_embeddings)
-        mx.async_eval(y, logprobs)
-        n = 0
-        while True:
-            if n != max_tokens:
-                next_y, next_logprobs = step(y)
-                mx.async_eval(next_y, next_logprobs)
-            if n == 0:
-                mx.eval(y)
-                progress(total, total)
-            if n == max_tokens:
-                return
-            yield y.item(), logprobs
-            y, logprobs = next_y, next_logprobs
-            n += 1
 
 
 def as_wrapper(tokenizer) -> TokenizerWrapper:

@@ -25,15 +25,28 @@ def hidden_size(model) -> int:
 
 
 def check_max_tokens(max_tokens: int) -> None:
-    if not isinstance(max_tokens, int) or max_tokens == 0 or max_tokens < -1:
+    if not _integer(max_tokens) or max_tokens == 0 or max_tokens < -1:
         raise ValueError(
             f"max_tokens must be a positive integer (or -1 for no limit), got {max_tokens!r}"
         )
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def as_prompt_array(prompt) -> mx.array:
     """Token ids as a 1-D uint32-compatible array (lists, tuples, arrays accepted)."""
-    array = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.int32)
+    if isinstance(prompt, mx.array):
+        array = prompt
+        if array.size and not mx.issubdtype(array.dtype, mx.integer):
+            raise ValueError(f"prompt token ids must be integers, got an array of {array.dtype}")
+    else:
+        ids = list(prompt)
+        odd = next((t for t in ids if not _integer(t)), None)
+        if odd is not None:  # mx.array would truncate 1.5 to 1, or True to 1, silently
+            raise ValueError(f"prompt token ids must be integers, got {odd!r}")
+        array = mx.array(ids, dtype=mx.int32)
     if array.ndim != 1:
         raise ValueError(f"prompt must be a 1-D sequence of token ids, got shape {array.shape}")
     return array
@@ -58,6 +71,8 @@ def check_prompt(model, prompt: mx.array, input_embeddings: mx.array | None = No
             )
         if input_embeddings.shape[0] == 0:
             raise ValueError("input_embeddings is empty: give at least one position")
+        if not mx.isfinite(input_embeddings).all().item():
+            raise ValueError("input_embeddings holds NaN or infinite values")
         if prompt.size and prompt.size != input_embeddings.shape[0]:
             raise ValueError(
                 f"input_embeddings has {input_embeddings.shape[0]} positions but the prompt has "
@@ -73,6 +88,32 @@ def check_draft_model(model, draft_model) -> None:
         )
 
 
+def check_sampler(sampler, model) -> None:
+    """A sampler must be callable; one from ``make_sampler`` must fit the vocabulary."""
+    if sampler is not None and not callable(sampler):
+        raise TypeError(f"sampler must be callable, got {type(sampler).__name__}")
+    check = getattr(sampler, "check_vocabulary", None)
+    if check is not None:
+        check(vocab_size(model))
+
+
+def check_logits_processors(logits_processors) -> None:
+    for i, processor in enumerate(logits_processors or []):
+        if not callable(processor):
+            raise TypeError(f"logits_processors[{i}] must be callable, got {processor!r}")
+
+
+def check_cache_usable(prompt_cache, model) -> None:
+    """A cache from a failed generation that could not be rolled back must not be reused."""
+    if len(prompt_cache) != len(model.layers):
+        raise ValueError(
+            f"prompt_cache has {len(prompt_cache)} layers, the model has {len(model.layers)}"
+        )
+    reason = next((r for c in prompt_cache if (r := getattr(c, "unusable", None))), None)
+    if reason:
+        raise ValueError(f"prompt_cache is unusable: {reason}; make a new one")
+
+
 def check_prefill_step_size(prefill_step_size: int) -> None:
-    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+    if not _integer(prefill_step_size) or prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")

@@ -66,6 +66,59 @@ def categorical_sampling(logprobs: mx.array, temp: float) -> mx.array:
     return mx.random.categorical(logprobs * (1.0 / temp))
 
 
+def check_settings(
+    temp: float, top_p: float, min_p: float, min_tokens_to_keep: int, top_k: int
+) -> None:
+    """Reject settings no sampler can honour (NaN, infinities, out of range, wrong type).
+
+    All of them, even those a greedy sampler ignores: ``temp=nan`` is a mistake to
+    report, not a request for greedy decoding (nor for NaN logits and a stray EOS).
+    """
+    for name, value, low, high in (
+        ("temp", temp, 0.0, math.inf),
+        ("top_p", top_p, 0.0, 1.0),
+        ("min_p", min_p, 0.0, 1.0),
+    ):
+        if not _real(value) or not math.isfinite(value) or not low <= value <= high:
+            allowed = f"a finite number >= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if not _integer(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no top-k filter), got {top_k!r}")
+    if not _integer(min_tokens_to_keep) or min_tokens_to_keep < 1:
+        raise ValueError(
+            f"min_tokens_to_keep must be a positive integer, got {min_tokens_to_keep!r}"
+        )
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class FilteredSampler:
+    """Filters, then a tempered draw. ``check_vocabulary`` lets a generation reject
+    settings that do not fit the model (``top_k`` >= vocabulary) before it starts."""
+
+    def __init__(self, temp: float, filters: list, top_k: int):
+        self.temp = temp
+        self.filters = filters
+        self.top_k = top_k
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        if self.top_k and not self.top_k < vocab_size:
+            raise ValueError(
+                f"top_k must be below the vocabulary size {vocab_size}, got {self.top_k}"
+            )
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        for keep_likely in self.filters:
+            logprobs = keep_likely(logprobs)
+        return categorical_sampling(logprobs, self.temp)
+
+
 def make_sampler(
     temp: float = 0.0,
     top_p: float = 0.0,
@@ -73,15 +126,14 @@ def make_sampler(
     min_tokens_to_keep: int = 1,
     top_k: int = 0,
 ) -> Sampler:
-    """A sampler with mlx-lm's parameters and filter order (top-p, min-p, top-k)."""
-    if temp < 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
+    """A sampler with mlx-lm's parameters and filter order (top-p, min-p, top-k).
+
+    Every setting is checked here (``check_settings``), the fit of ``top_k`` to
+    the vocabulary when generation starts, before the prompt cache is touched.
+    """
+    check_settings(temp, top_p, min_p, min_tokens_to_keep, top_k)
     if temp == 0:
         return greedy_sampler
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
 
     filters = []
     if 0 < top_p < 1:
@@ -90,10 +142,4 @@ def make_sampler(
         filters.append(lambda x: apply_min_p(x, min_p, min_tokens_to_keep))
     if top_k > 0:
         filters.append(lambda x: apply_top_k(x, top_k))
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for keep_likely in filters:
-            logprobs = keep_likely(logprobs)
-        return categorical_sampling(logprobs, temp)
-
-    return sampler
+    return FilteredSampler(temp, filters, top_k)
