@@ -10,7 +10,14 @@ Sub-commands (``run`` is the default)::
     lmconform bench ingest results.json        # pytest-benchmark --benchmark-json output
 
 Runs are named by id, ``latest``, ``previous`` or a commit prefix. Every command
-takes ``--db`` (default ``.lmconform/history.sqlite``).
+takes ``--db`` (default ``.lmconform/history.sqlite``); ``show``, ``compare`` and
+``plot`` open it read-only.
+
+Exit status: 0 ok; 1 a regression was found (``compare``) or an engine failed
+(``run``); 2 a usage or input error (unknown run, engine or workload, bad option
+value, nothing in common to compare, a missing, corrupt, newer or unwritable
+history); 3 an internal error of lmconform (the traceback is saved to a file whose
+path is printed).
 
 Also runnable on its own: ``python -m benchmarks.cli ...``.
 """
@@ -18,10 +25,18 @@ Also runnable on its own: ``python -m benchmarks.cli ...``.
 from __future__ import annotations
 
 import argparse
+import json
+import sqlite3
 import sys
+import tempfile
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import compare, engines, history, ingest, plot, report, runner, workloads
+from benchmarks.stats import DEFAULT_MIN_EFFECT
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 SUBCOMMANDS = ("run", "show", "compare", "plot", "ingest")
 
@@ -35,13 +50,16 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     """Options of ``run``; on the ``run`` sub-parser with SUPPRESS defaults, so that
     ``bench --trials 3 run`` and ``bench run --trials 3`` both work."""
     opt = parser.add_argument
-    opt("--engines", help="comma list of engine specs: reference, mlx-lm, transformers, "
-        "synthetic[:option=value...] (default reference)", **kwargs)
-    opt("--model", help="model name or folder (default dummy)", **kwargs)
+    opt("--engines", help="comma list of engine specs, as for lmconform check: reference, "
+        "mlx-lm, transformers, module:Class, cmd:COMMAND, synthetic (a test instrument); "
+        "each may add :name=LABEL and :slowdown=FRACTION (default reference)", **kwargs)
+    opt("--model", help="built-in model name (default dummy)", **kwargs)
     opt("--workloads", help="comma list of workloads or sets: "
         f"{', '.join([*workloads.WORKLOAD_SETS, *workloads.standard_workloads()])} "
         "(default quick)", **kwargs)
-    opt("--trials", type=int, help="timed trials per engine and workload (default 5)", **kwargs)
+    opt("--trials", type=_trials, help="timed trials per engine and workload (default 5); "
+        "'auto': blocks until the 95%% interval is narrower than --target-width or "
+        "--time-budget ends", **kwargs)
     opt("--warmup", type=int, help="untimed rounds first (default 1)", **kwargs)
     opt("--time-budget", type=float, help="stop starting trials after this many seconds",
         **kwargs)
@@ -57,6 +75,37 @@ RUN_DEFAULTS = {
 }
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0 (0.02 is 2%), got {text}")
+    return value
+
+
+def _trials(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a count or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=report.FORMATS, default="table",
+                        help="table (default), json or csv on stdout")
+
+
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
         "bench", help="benchmark engines, compare runs, plot history",
@@ -70,21 +119,37 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     _add_run_options(run_parser, default=argparse.SUPPRESS)
     run_parser.set_defaults(func=run_command)
 
-    show = commands.add_parser("show", help="print the results table of a stored run")
+    show = commands.add_parser("show", help="print the results table of a stored run, or "
+                               "the history's change points (--changes)")
     show.add_argument("run", nargs="?", default="latest")
+    show.add_argument("--changes", action="store_true",
+                      help="find the runs where a measurement stepped, over the whole history")
+    show.add_argument("--metric", dest="changes_metric", help="with --changes: only this metric")
+    show.add_argument("--workload", dest="changes_workload",
+                      help="with --changes: only this workload")
+    show.add_argument("--min-change", type=_fraction, default=0.01,
+                      help="with --changes: smallest step reported, as a fraction (0.01)")
+    _add_format(show)
     _add_db(show, default=argparse.SUPPRESS)
     show.set_defaults(func=show_command)
 
-    cmp = commands.add_parser("compare", help="rank-test two runs; exit 1 on regression")
-    cmp.add_argument("base", nargs="?", default="previous", help="run id or commit (previous)")
-    cmp.add_argument("head", nargs="?", default="latest", help="run id or commit (latest)")
-    cmp.add_argument("--alpha", type=float, default=0.05, help="rank-test level (0.05)")
-    cmp.add_argument("--min-effect", type=float, default=0.05,
-                     help="smallest median change that counts, as a fraction (0.05)")
+    cmp = commands.add_parser("compare", help="compare two runs (effect, 95%% CI, verdict); "
+                              "exit 1 on regression")
+    cmp.add_argument("base", nargs="?", help="run id or commit (previous; with --ab: the run, "
+                     "latest)")
+    cmp.add_argument("head", nargs="?", help="run id or commit (latest)")
+    cmp.add_argument("--ab", metavar="BASE,HEAD",
+                     help="compare engine HEAD to engine BASE within one run, paired by trial")
+    cmp.add_argument("--alpha", type=_probability, default=0.05,
+                     help="1 - confidence of the intervals (0.05)")
+    cmp.add_argument("--min-effect", type=_fraction, default=DEFAULT_MIN_EFFECT,
+                     help="smallest change that counts as a regression, as a fraction "
+                     f"({DEFAULT_MIN_EFFECT})")
     cmp.add_argument("--allow-different-machines", action="store_true")
     cmp.add_argument("--relative-to", metavar="ENGINE",
                      help="compare each engine's per-trial ratio to ENGINE (cancels machine "
                      "load that slowed every engine alike)")
+    _add_format(cmp)
     _add_db(cmp, default=argparse.SUPPRESS)
     cmp.set_defaults(func=compare_command)
 
@@ -102,28 +167,57 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     ing.add_argument("files", nargs="+", type=Path)
     _add_db(ing, default=argparse.SUPPRESS)
     ing.set_defaults(func=ingest_command)
+    for parser in (bench, run_parser, show, cmp, plt, ing):
+        parser.set_defaults(func=_guarded(parser.get_default("func")))
     return bench
 
 
-def _history(args) -> history.History:
-    return history.History(args.db or history.DEFAULT_DB)
+def _history(args, read_only: bool = False) -> history.History:
+    return history.History(args.db or history.DEFAULT_DB, read_only=read_only)
 
 
 def _error(message: str) -> int:
     print(f"lmconform bench: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+
+
+def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` with the exit codes kept honest: an unusable history is an input
+    error (2, one line); anything unexpected is ours (3, traceback saved to a file),
+    never 1, which means "regression found"."""
+    if getattr(command, "guarded", False):
+        return command
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except history.HistoryError as error:
+            return _error(str(error))
+        except sqlite3.DatabaseError as error:
+            db = getattr(args, "db", None) or history.DEFAULT_DB
+            return _error(f"the history {db} is unreadable ({error})")
+        except Exception:  # noqa: BLE001 - the point is to catch what nobody expected
+            with tempfile.NamedTemporaryFile("w", prefix="lmconform-bench-crash-",
+                                             suffix=".txt", delete=False) as file:
+                file.write(traceback.format_exc())
+            print(f"lmconform bench: internal error (a bug in lmconform); traceback saved "
+                  f"to {file.name}", file=sys.stderr)
+            return EXIT_INTERNAL
+
+    guarded.guarded = True
+    return guarded
 
 
 def run_command(args) -> int:
     try:
         chosen = workloads.resolve(args.workloads)
-        specs = [s for s in args.engines.split(",") if s.strip()]
+        specs = engines.split_specs(args.engines)
         plan = runner.RunPlan(
-            engines=[engines.make_engine(spec, args.model) for spec in specs],
+            engines=[engines.TimedEngine.from_spec(spec, args.model) for spec in specs],
             model=args.model, workloads=chosen, trials=args.trials, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, time_budget_s=args.time_budget,
         )
-    except ValueError as error:
+    except (ValueError, engines.EngineUnavailable) as error:
         return _error(str(error))
     with _history(args) as store:
         try:
@@ -145,31 +239,76 @@ def run_command(args) -> int:
 
 
 def show_command(args) -> int:
-    with _history(args) as store:
+    if args.changes:
+        return changes_command(args)
+    with _history(args, read_only=True) as store:
         try:
             run = store.resolve(args.run)
         except LookupError as error:
             return _error(str(error))
         samples = store.samples([run.id])
+    if args.format != "table":
+        print(report.render(report.results_records(samples), args.format))
+        return EXIT_OK
     state = "interrupted" if run.interrupted else "finished"
     print(f"{run.label}, {state}, started {run.started_at}, model {run.settings.get('model')}")
     print(report.results_table(samples).text())
     print(report.roofline_note(samples))
-    return 0
+    return EXIT_OK
+
+
+def changes_command(args) -> int:
+    with _history(args, read_only=True) as store:
+        found = compare.find_changes(store, args.changes_metric, args.changes_workload,
+                                     min_change=args.min_change)
+    if args.format != "table":
+        print(report.render([c.to_dict() for c in found], args.format))
+        return EXIT_OK
+    if not found:
+        print(f"no step of {args.min_change:.0%} or more in the history")
+        return EXIT_OK
+    print(compare.changes_table(found).text())
+    return EXIT_OK
+
+
+def _resolve_pair(store: history.History, args):
+    """(base run, head run) or, with --ab, the one run (both the same)."""
+    if args.ab:
+        if args.head is not None:
+            raise ValueError("--ab compares two engines of one run: give one run, not two")
+        run = store.resolve(args.base or "latest")
+        return run, run
+    return store.resolve(args.base or "previous"), store.resolve(args.head or "latest")
 
 
 def compare_command(args) -> int:
-    with _history(args) as store:
+    with _history(args, read_only=True) as store:
         try:
-            base, head = store.resolve(args.base), store.resolve(args.head)
-            result = compare.compare_runs(
-                store, base, head, alpha=args.alpha, min_effect=args.min_effect,
-                allow_different_machines=args.allow_different_machines,
-                relative_to=args.relative_to,
-            )
+            base, head = _resolve_pair(store, args)
+            if args.ab:
+                names = [n.strip() for n in args.ab.split(",")]
+                if len(names) != 2 or not all(names) or args.relative_to:
+                    raise ValueError("--ab takes BASE,HEAD (two engine names) and no "
+                                     "--relative-to")
+                result = compare.compare_engines(store, base, *names, alpha=args.alpha,
+                                                 min_effect=args.min_effect)
+            else:
+                result = compare.compare_runs(
+                    store, base, head, alpha=args.alpha, min_effect=args.min_effect,
+                    allow_different_machines=args.allow_different_machines,
+                    relative_to=args.relative_to,
+                )
         except (LookupError, ValueError, compare.DifferentMachines) as error:
             return _error(str(error))
-    for run, role in ((base, "base"), (head, "head")):
+    status = EXIT_REGRESSION if result.regressed else EXIT_OK
+    if args.format == "json":
+        print(json.dumps(report.json_ready(result.to_dict()), indent=2))
+        return status
+    if args.format == "csv":
+        print(report.render(result.to_dict()["verdicts"], "csv"))
+        return status
+    roles = (("runs", base),) if base is head else (("base", base), ("head", head))
+    for role, run in roles:
         state = " (interrupted)" if run.interrupted else ""
         print(f"{role}: {run.label}{state}, started {run.started_at}")
     for name, (old, new) in result.software_changes.items():
@@ -179,14 +318,12 @@ def compare_command(args) -> int:
         print(f"only in base: {'/'.join(key)}")
     for key in result.only_head:
         print(f"only in head: {'/'.join(key)}")
-    counts = {v: sum(x.verdict == v for x in result.verdicts.values())
-              for v in ("improved", "unchanged", "regressed")}
-    print(", ".join(f"{n} {v}" for v, n in counts.items()))
-    return 1 if result.regressed else 0
+    print(", ".join(f"{n} {v}" for v, n in result.counts().items()))
+    return status
 
 
 def plot_command(args) -> int:
-    with _history(args) as store:
+    with _history(args, read_only=True) as store:
         series = plot.history_series(store, args.metric, args.workload, args.plot_model)
     if not series:
         return _error(f"no samples of metric {args.metric!r} match in the history")

@@ -11,22 +11,56 @@ engine then "regresses" together. ``relative_to`` compares each engine's per-tri
 ratio to a baseline engine instead, which the interleaved trials make immune to
 such drift (it cannot see a change that slows the baseline engine itself, so use
 both views).
+
+Two engines of the *same* run (``compare_engines``, ``bench compare --ab A,B``) are
+compared paired: trial k of A and trial k of B ran in the same block, moments
+apart, so the interval is that of the per-block ratios.
+
+Two runs with nothing in common cannot be compared: that is an input error
+(``NothingInCommon``), never "0 regressed".
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from statistics import median
 
 from benchmarks.fingerprint import HARDWARE_FIELDS
 from benchmarks.history import History, Run, Sample
 from benchmarks.report import Table
-from benchmarks.stats import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT, REGRESSED, Verdict, compare_samples
+from benchmarks.stats import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_EFFECT,
+    IMPROVED,
+    REGRESSED,
+    STEP_PENALTY,
+    UNCHANGED,
+    Step,
+    Verdict,
+    compare_samples,
+    describe,
+    detect_steps,
+)
 from benchmarks.workloads import metric
+
+Key = tuple[str, str, str, str]  # (workload, engine, model, metric)
+# Metrics whose worse direction reads "slower" (rates and times); others read "worse".
+SPEED_UNITS = ("tok/s", "s", "x")
 
 
 class DifferentMachines(Exception):
     """The two runs come from machines with different hardware fingerprints."""
+
+
+class NothingInCommon(ValueError):
+    """The two runs (or engines) share no measurement, so nothing can be judged."""
+
+
+def meaning(key: Key, verdict: Verdict) -> str:
+    """``describe`` for the metric of ``key`` (its direction and whether it is a speed)."""
+    info = metric(key[3])
+    return describe(verdict, info.higher_is_better, speed=info.unit in SPEED_UNITS)
 
 
 @dataclass
@@ -42,17 +76,43 @@ class Comparison:
     def regressed(self) -> bool:
         return any(v.verdict == REGRESSED for v in self.verdicts.values())
 
+    def counts(self) -> dict[str, int]:
+        return {name: sum(v.verdict == name for v in self.verdicts.values())
+                for name in (IMPROVED, UNCHANGED, REGRESSED)}
+
     def table(self) -> Table:
         table = Table(["workload", "engine", "model", "metric", "base", "head", "change",
-                       "p", "verdict", "note"])
-        for (workload, engine, model, name), v in self.verdicts.items():
+                       "95% CI", "p", "verdict", "what it means"])
+        for key, v in self.verdicts.items():
             table.rows.append([
-                workload, engine, model, name,
+                *key,
                 f"{v.base_median:.4g} (n={v.n_base})", f"{v.head_median:.4g} (n={v.n_head})",
-                f"{v.change:+.1%}", "-" if v.p_value is None else f"{v.p_value:.3g}",
-                v.verdict.upper() if v.verdict == REGRESSED else v.verdict, v.note,
+                f"{v.change:+.1%}", f"{v.low:+.1%} to {v.high:+.1%}",
+                "-" if v.p_value is None else f"{v.p_value:.3g}",
+                v.verdict.upper() if v.verdict == REGRESSED else v.verdict,
+                meaning(key, v) if not v.note or v.significant else v.note,
             ])
         return table
+
+    def to_dict(self) -> dict:
+        """Everything as plain data (numbers unformatted) for ``--format json``."""
+        return {
+            "base": {"run": self.base.id, "commit": self.base.revision.commit},
+            "head": {"run": self.head.id, "commit": self.head.revision.commit},
+            "verdicts": [
+                {"workload": k[0], "engine": k[1], "model": k[2], "metric": k[3],
+                 "verdict": v.verdict, "change": v.change, "ci_low": v.low, "ci_high": v.high,
+                 "confidence": v.confidence, "mde": v.mde, "p_value": v.p_value,
+                 "paired": v.paired, "base_median": v.base_median,
+                 "head_median": v.head_median, "n_base": v.n_base, "n_head": v.n_head,
+                 "meaning": meaning(k, v), "note": v.note}
+                for k, v in self.verdicts.items()
+            ],
+            "only_base": ["/".join(k) for k in self.only_base],
+            "only_head": ["/".join(k) for k in self.only_head],
+            "software_changes": {k: list(v) for k, v in self.software_changes.items()},
+            "counts": self.counts(),
+        }
 
 
 def relative_samples(
@@ -121,4 +181,133 @@ def compare_runs(
             alpha=alpha, min_effect=min_effect,
         )
     comparison.only_head = [key for key in head_values if key not in base_values]
+    if not comparison.verdicts:
+        raise NothingInCommon(
+            f"{base.label} and {head.label} have no measurement in common "
+            f"(base: {_engines(base_values)}; head: {_engines(head_values)}); nothing to compare"
+        )
     return comparison
+
+
+def _engines(values: dict[Key, list[float]]) -> str:
+    names = sorted({key[1] for key in values})
+    return "engines " + ", ".join(names) if names else "no samples"
+
+
+def compare_engines(
+    history: History,
+    run: Run,
+    base_engine: str,
+    head_engine: str,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect: float = DEFAULT_MIN_EFFECT,
+) -> Comparison:
+    """Verdicts for ``head_engine`` against ``base_engine`` within one run, paired by trial.
+
+    Only trials both engines finished count (a trial one of them lost, say to a
+    failure, has no partner). The key's engine reads ``head vs base``.
+    """
+    by_trial: dict[tuple[str, str, str], dict[str, dict[int, float]]] = defaultdict(
+        lambda: defaultdict(dict))
+    for s in history.samples([run.id]):
+        if s.engine in (base_engine, head_engine):
+            by_trial[(s.workload, s.model, s.metric)][s.engine][s.trial] = s.value
+    comparison = Comparison(run, run)
+    for (workload, model, name), engines in by_trial.items():
+        trials = sorted(set(engines[base_engine]) & set(engines[head_engine]))
+        if not trials:
+            continue
+        key = (workload, f"{head_engine} vs {base_engine}", model, name)
+        comparison.verdicts[key] = compare_samples(
+            [engines[base_engine][t] for t in trials], [engines[head_engine][t] for t in trials],
+            metric(name).higher_is_better, alpha=alpha, min_effect=min_effect, paired=True,
+        )
+    if not comparison.verdicts:
+        present = sorted({s.engine for s in history.samples([run.id])})
+        raise NothingInCommon(
+            f"{run.label} has no trial measured by both {base_engine!r} and {head_engine!r} "
+            f"(engines in the run: {', '.join(present) or 'none'})"
+        )
+    return comparison
+
+
+# --- change points over the whole history ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """A step in one measurement's history: ``run`` is the first run at the new level."""
+
+    key: Key
+    machine_key: str
+    run: Run
+    previous: Run  # the last run at the old level
+    step: Step
+    points: int  # runs in the series
+
+    @property
+    def worse(self) -> bool:
+        higher = metric(self.key[3]).higher_is_better
+        return self.step.change < 0 if higher else self.step.change > 0
+
+    def to_dict(self) -> dict:
+        return {"workload": self.key[0], "engine": self.key[1], "model": self.key[2],
+                "metric": self.key[3], "machine_key": self.machine_key,
+                "run": self.run.id, "commit": self.run.revision.commit,
+                "previous_run": self.previous.id, "previous_commit": self.previous.revision.commit,
+                "before": self.step.before, "after": self.step.after,
+                "change": self.step.change, "worse": self.worse, "runs_in_series": self.points}
+
+
+def history_medians(history: History) -> dict[tuple[Key, str], list[tuple[Run, float]]]:
+    """Per measurement and machine: ``(run, median of its samples)`` in run order.
+
+    Machines are kept apart: a faster runner joining the history is not a step.
+    """
+    runs = {run.id: run for run in history.runs()}
+    grouped: dict[tuple[Key, int], list[float]] = defaultdict(list)
+    for sample in history.samples():
+        grouped[(sample.key, sample.run_id)].append(sample.value)
+    series: dict[tuple[Key, str], list[tuple[Run, float]]] = defaultdict(list)
+    for (key, run_id), values in sorted(grouped.items(), key=lambda item: item[0][1]):
+        run = runs[run_id]
+        series[(key, run.fingerprint.machine_key)].append((run, median(values)))
+    return dict(series)
+
+
+def find_changes(
+    history: History,
+    metric_name: str | None = None,
+    workload: str | None = None,
+    min_change: float = 0.01,
+    penalty: float = STEP_PENALTY,
+) -> list[Change]:
+    """Steps in every measurement's history (optionally one metric / workload).
+
+    Each series is the run medians of one (workload, engine, model, metric) on one
+    machine; ``detect_steps`` segments it. A step at the newest run is reported
+    once a second run confirms the new level (one run alone is an outlier).
+    """
+    changes = []
+    for (key, machine_key), points in history_medians(history).items():
+        if (metric_name and key[3] != metric_name) or (workload and key[0] != workload):
+            continue
+        values = [value for _, value in points]
+        if any(value <= 0 for value in values):
+            continue  # a log scale needs positive values (rates, times, sizes are)
+        for step in detect_steps(values, min_change=min_change, penalty=penalty):
+            changes.append(Change(key, machine_key, points[step.index][0],
+                                  points[step.index - 1][0], step, len(points)))
+    return changes
+
+
+def changes_table(changes: list[Change]) -> Table:
+    table = Table(["workload", "engine", "model", "metric", "from run", "to run", "commit",
+                   "before", "after", "change"])
+    for c in changes:
+        table.rows.append([
+            *c.key, str(c.previous.id), str(c.run.id), c.run.revision.label,
+            f"{c.step.before:.4g}", f"{c.step.after:.4g}",
+            f"{c.step.change:+.1%}" + (" (worse)" if c.worse else " (better)"),
+        ])
+    return table

@@ -15,6 +15,12 @@ Two tables:
                metric, value, unit, settings JSON (workload and engine parameters).
 
 The view ``sample_rows`` joins the two, for anyone who wants plain SQL.
+
+The schema carries a version (SQLite's ``user_version``), checked on every open: a
+database from a newer lmconform, a file that is not SQLite, or a SQLite file that is
+not a history is refused with a ``HistoryError`` naming the file. Readers
+(``show``, ``compare``, ``plot``) open it read-only, so they can neither create nor
+change a history (and work on a file they may not write).
 """
 
 from __future__ import annotations
@@ -66,6 +72,13 @@ CREATE VIEW IF NOT EXISTS sample_rows AS
 """
 
 
+class HistoryError(Exception):
+    """The history cannot be used: missing, not a history, corrupt, newer or not writable."""
+
+
+REQUIRED_TABLES = ("runs", "samples")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -110,24 +123,67 @@ class Sample:
 class History:
     """A handle on the history database (created on first use)."""
 
-    def __init__(self, path: str | Path = DEFAULT_DB):
+    def __init__(self, path: str | Path = DEFAULT_DB, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        try:
+            self.db = self._connect()
+            self._check_schema()
+        except sqlite3.DatabaseError as error:
+            raise HistoryError(f"{self.path} is not a usable history ({error})") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            if not self.path.is_file():
+                raise HistoryError(f"no history at {self.path} (a bench run creates it)")
+            try:
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                # A WAL database in a folder we may not write has no -shm to share:
+                # read it as an immutable file instead (no concurrent writer is seen).
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
+            return db
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise HistoryError(f"cannot create the history folder {self.path.parent}: "
+                               f"{error.strerror}") from None
         # A generous busy timeout: a concurrent reader/writer waits instead of failing.
-        self.db = sqlite3.connect(self.path, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against process crashes in WAL mode (only an OS crash can
-        # lose the last commits), and much faster than FULL.
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against process crashes in WAL mode (only an OS crash
+            # can lose the last commits), and much faster than FULL.
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as error:
+            db.close()
+            raise HistoryError(f"cannot write to the history {self.path} ({error})") from None
+        return db
+
+    def _check_schema(self) -> None:
+        """Refuse newer schemas and foreign databases; create the schema when writing."""
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise HistoryError(
                 f"{self.path} has schema version {version}, newer than this lmconform "
                 f"({SCHEMA_VERSION}); upgrade lmconform to read it"
             )
-        with self.db:
-            self.db.executescript(SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        tables = {row[0] for row in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not set(REQUIRED_TABLES) <= tables:
+            raise HistoryError(f"{self.path} is a SQLite database but not a benchmark history "
+                               f"(tables: {', '.join(sorted(tables))})")
+        if self.read_only:
+            if not tables:
+                raise HistoryError(f"{self.path} is an empty database, not a benchmark history")
+            return
+        try:
+            with self.db:
+                self.db.executescript(SCHEMA)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.OperationalError as error:
+            raise HistoryError(f"cannot write to the history {self.path} ({error})") from None
 
     def close(self) -> None:
         self.db.close()
@@ -199,8 +255,11 @@ class History:
             "SELECT id, started_at, finished_at, commit_sha, dirty, fingerprint, source,"
             " settings FROM runs ORDER BY id"
         ).fetchall()
-        return [
-            Run(
+        return [self._run(row) for row in rows]
+
+    def _run(self, row: tuple) -> Run:
+        try:
+            return Run(
                 id=row[0],
                 started_at=row[1],
                 finished_at=row[2],
@@ -209,8 +268,9 @@ class History:
                 source=row[6],
                 settings=json.loads(row[7]),
             )
-            for row in rows
-        ]
+        except (TypeError, ValueError) as error:  # JSON damaged by hand or by a tool
+            raise HistoryError(f"run {row[0]} in {self.path} is corrupt "
+                               f"(fingerprint or settings: {error})") from None
 
     def run(self, run_id: int) -> Run:
         for run in self.runs():
@@ -229,7 +289,10 @@ class History:
             query += f" WHERE run_id IN ({', '.join('?' * len(ids))})"
             params = tuple(ids)
         rows = self.db.execute(query + " ORDER BY id", params).fetchall()
-        return [Sample(*row[:8], settings=json.loads(row[8])) for row in rows]
+        try:
+            return [Sample(*row[:8], settings=json.loads(row[8])) for row in rows]
+        except (TypeError, ValueError) as error:
+            raise HistoryError(f"a sample in {self.path} is corrupt (settings: {error})") from None
 
     def resolve(self, ref: str) -> Run:
         """A run from a reference: a run id, ``latest``, ``previous``, or a commit prefix.

@@ -10,13 +10,20 @@ the percentage of the memory-bandwidth roofline.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from statistics import median, quantiles
 
 from benchmarks import roofline
 from benchmarks.history import Sample
+from benchmarks.stats import median_interval
 from benchmarks.workloads import metric
+
+FORMATS = ("table", "json", "csv")
 
 REFERENCE = "reference"
 
@@ -33,6 +40,15 @@ class Table:
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in self.rows]
         return "\n".join(lines)
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerows([self.headers, *self.rows])
+        return buffer.getvalue()
+
+    def records(self) -> list[dict[str, str]]:
+        return [dict(zip(self.headers, row)) for row in self.rows]
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.headers) + " |",
@@ -111,18 +127,47 @@ class RunSummary:
         return REFERENCE if REFERENCE in self.engines else self.engines[0]
 
 
+def json_number(value: float | None) -> float | None:
+    """``value`` for JSON: infinities and NaN (unbounded intervals) become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def results_records(samples: list[Sample]) -> list[dict]:
+    """The long table as plain data: one dict per workload, metric and engine (numbers
+    unformatted; the median's 95% interval; every raw value)."""
+    summary = RunSummary.from_samples(samples)
+    base = summary.baseline()
+    records = []
+    for workload, name, engine in _ordered_keys(summary):
+        values = summary.values[(workload, name, engine)]
+        middle, base_value = median(values), summary.median(workload, name, base)
+        low, high = median_interval(values)
+        records.append({
+            "workload": workload, "metric": name, "engine": engine, "unit": metric(name).unit,
+            "median": middle, "ci_low": json_number(low), "ci_high": json_number(high),
+            "iqr_percent": iqr_percent(values), "n": len(values),
+            "ratio_to": base, "ratio": middle / base_value if base_value else None,
+            "roofline_percent": summary.roofline_percent(workload, name, engine),
+            "values": values,
+        })
+    return records
+
+
+def _ordered_keys(summary: RunSummary) -> list[tuple[str, str, str]]:
+    metric_order = {name: i for i, name in enumerate(
+        ["prefill_tps", "ttft_s", "decode_tps", "batch_tps", "spec_decode_tps",
+         "spec_speedup", "draft_acceptance", "peak_memory_mb"])}
+    return sorted(summary.values, key=lambda k: (
+        summary.workloads.index(k[0]), metric_order.get(k[1], 99), summary.engines.index(k[2])))
+
+
 def results_table(samples: list[Sample]) -> Table:
     """The long table: one row per workload, metric and engine."""
     summary = RunSummary.from_samples(samples)
     base = summary.baseline()
     table = Table(["workload", "metric", "engine", "median", "unit", "IQR %", "n",
                    f"vs {base or '-'}", "% roofline"])
-    metric_order = {name: i for i, name in enumerate(
-        ["prefill_tps", "ttft_s", "decode_tps", "batch_tps", "spec_decode_tps",
-         "spec_speedup", "draft_acceptance", "peak_memory_mb"])}
-    keys = sorted(summary.values, key=lambda k: (
-        summary.workloads.index(k[0]), metric_order.get(k[1], 99), summary.engines.index(k[2])))
-    for workload, name, engine in keys:
+    for workload, name, engine in _ordered_keys(summary):
         samples_ = summary.values[(workload, name, engine)]
         middle = median(samples_)
         base_value = summary.median(workload, name, base)
@@ -171,3 +216,27 @@ def roofline_note(samples: list[Sample]) -> str:
         bound = roofline.roofline_tps(summary.bandwidth, per_token)
         parts.append(f"{engine}: {per_token / 1e6:.1f} MB/token -> roofline {bound:.0f} tok/s")
     return "; ".join(parts)
+
+
+def json_ready(value):
+    """``value`` with every infinite or NaN float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def render(records: list[dict], fmt_name: str) -> str:
+    """Records (dicts with the same keys) as JSON or CSV; lists inside are JSON-encoded."""
+    if fmt_name == "json":
+        return json.dumps(json_ready(records), indent=2)
+    if not records:
+        return ""
+    table = Table(list(records[0]))
+    for record in records:
+        table.rows.append(["" if v is None else json.dumps(v) if isinstance(v, list) else str(v)
+                           for v in json_ready(list(record.values()))])
+    return table.csv()

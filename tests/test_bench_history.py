@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 from benchmarks.fingerprint import Fingerprint
-from benchmarks.history import SCHEMA_VERSION, History
+from benchmarks.history import SCHEMA_VERSION, History, HistoryError
 from benchmarks.revision import Revision
 
 MACHINE = Fingerprint(
@@ -97,5 +97,5 @@ def test_a_database_from_a_newer_lmconform_is_refused(tmp_path):
     History(path).close()
     with sqlite3.connect(path) as db:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer than this lmconform"):
+    with pytest.raises(HistoryError, match="newer than this lmconform"):
         History(path)
