@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -25,25 +26,45 @@ def add_generate_parser(subparsers) -> None:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="raw prompt text")
     prompt.add_argument("--chat", help="user message, wrapped in the model's chat template")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temp", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=bounded(int, 1, MAX_TOKENS), default=64)
+    parser.add_argument("--temp", type=bounded(float, 0.0, MAX_TEMP), default=0.0)
+    parser.add_argument("--top-p", type=bounded(float, 0.0, 1.0), default=0.0)
+    parser.add_argument("--top-k", type=bounded(int, 0, MAX_TOKEN_ID), default=0)
+    parser.add_argument("--min-p", type=bounded(float, 0.0, 1.0), default=0.0)
+    parser.add_argument("--seed", type=bounded(int, 0, 2**64 - 1), default=0)
     parser.add_argument("--draft-model", help="draft model for speculative decoding")
-    parser.add_argument("--num-draft-tokens", type=int, default=2)
+    parser.add_argument("--num-draft-tokens", type=bounded(int, 1, 64), default=2)
     parser.set_defaults(func=run)
+
+
+MAX_TOKENS = 1_000_000  # more is a typo (at 6 tokens/s: two days)
+MAX_TEMP = 1000.0  # beyond this every distribution is uniform to float precision
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def bounded(kind: type, low, high):
+    """An argparse type: a finite ``kind`` in [low, high]; anything else is a usage error
+    (exit status 2) naming the value and the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not in [{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from reference import load, make_sampler, stream_generate
+    from reference.inputs import check_sampler
 
-    if args.max_tokens <= 0:
-        print(f"error: --max-tokens must be positive, got {args.max_tokens}", file=sys.stderr)
-        return 2
     try:
         model, tokenizer = load(args.model)
         draft = load(args.draft_model)[0] if args.draft_model else None
@@ -59,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
     mx.random.seed(args.seed)
     sampler = make_sampler(args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)
+    try:
+        check_sampler(sampler, model)
+    except ValueError as error:  # settings that do not fit this model (top-k >= vocabulary)
+        print(f"error: --top-k: {error}", file=sys.stderr)
+        return 2
     extra = {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens} if draft else {}
     response = None
     for response in stream_generate(

@@ -238,14 +238,69 @@ def save_prompt_cache(file_name: str, cache: list, metadata: dict[str, str] | No
 
 
 def load_prompt_cache(file_name: str, return_metadata: bool = False):
-    arrays, header = mx.load(str(file_name), return_metadata=True)
+    """A cache written by ``save_prompt_cache``; its metadata is checked before use, so a
+    damaged or foreign file is a ``ValueError`` naming the file and the field."""
+    try:
+        arrays, header = mx.load(str(file_name), return_metadata=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{file_name}: not a readable .safetensors file ({error})") from None
     if "lmconform.layers" not in header:
         raise ValueError(f"{file_name}: not a prompt cache written by save_prompt_cache")
+    layers = _json_field(file_name, header, "lmconform.layers", list)
+    user = _json_field(file_name, header, "lmconform.user", dict, default="{}")
     cache = []
-    for i, meta in enumerate(json.loads(header["lmconform.layers"])):
-        cls = CACHE_CLASSES[meta.pop("class")]
+    for i, meta in enumerate(layers):
         state = (arrays.get(f"{i}.keys"), arrays.get(f"{i}.values"))
+        problem = _layer_problem(meta, state)
+        if problem:
+            raise ValueError(f"{file_name}: layer {i}: {problem}")
+        meta = dict(meta)
+        cls = CACHE_CLASSES[meta.pop("class")]
         cache.append(cls.from_state(state, meta))
+    names = {f"{i}.{kind}" for i in range(len(layers)) for kind in ("keys", "values")}
+    extra = sorted(set(arrays) - names)
+    if extra:
+        raise ValueError(f"{file_name}: arrays {extra[:3]} belong to no layer")
     if return_metadata:
-        return cache, json.loads(header["lmconform.user"])
+        return cache, user
     return cache
+
+
+def _json_field(file_name, header: dict, name: str, kind: type, default: str | None = None):
+    try:
+        value = json.loads(header.get(name, default) if default is not None else header[name])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file_name}: metadata {name!r} is not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise ValueError(  # noqa: TRY004 - a malformed file, not a wrong argument
+            f"{file_name}: metadata {name!r} must be a JSON {kind.__name__}"
+        )
+    return value
+
+
+def _layer_problem(meta, state) -> str | None:
+    """What is wrong with one layer's saved metadata and arrays, or None."""
+    if not isinstance(meta, dict) or meta.get("class") not in CACHE_CLASSES:
+        found = meta.get("class") if isinstance(meta, dict) else meta
+        return f"class {found!r} is not one of {sorted(CACHE_CLASSES)}"
+    name = meta["class"]
+    fields = {k: v for k, v in meta.items() if k != "class"}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields.values()):
+        return f"fields {fields} must be integers >= 0"
+    try:
+        empty = CACHE_CLASSES[name](**{k: v for k, v in fields.items() if k != "offset"})
+    except (TypeError, ValueError) as error:
+        return f"fields {sorted(fields)} do not describe a {name} ({error})"
+    if set(fields) != set(empty.meta_state):
+        return f"fields {sorted(fields)}; a {name} has {sorted(empty.meta_state)}"
+    empty.offset = fields["offset"]
+    keys, values = state
+    if (keys is None) != (values is None):
+        return "keys and values must be saved together"
+    if keys is None:
+        return None if empty.offset == 0 else f"offset {empty.offset} but no keys stored"
+    if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+        return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} do not match"
+    if keys.shape[2] != empty.size():  # size(): the positions a cache at this offset stores
+        return f"offset {empty.offset} does not match the {keys.shape[2]} stored positions"
+    return None
