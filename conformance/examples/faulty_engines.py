@@ -17,18 +17,37 @@ so a fresh process behaves the same way again):
 - ``token-out-of-range``: its second event names a token past the vocabulary;
 - ``wrong-id``: answers with a request id the suite never sent;
 - ``unsupported``: refuses every generation with an "unsupported" error;
-- ``dies-at-start``: exits before its hello.
+- ``dies-at-start``: exits before its hello;
+- ``null-logprobs``: declares ``logprobs`` but sends ``logprob: null``;
+- ``stray-after-finish``: writes one more event after each finished request;
+- ``exits-leaving-child``: at its first request, starts a child that keeps its
+  stdout open, then exits (the exit must be noticed at once, the child killed);
+- ``hostile-text``: writes terminal escapes, XML-illegal characters, Markdown
+  pipes and fences, and a 1 MB line to stderr, then crashes;
+- ``ignores-shutdown``: never exits by itself (it must be killed, with its group).
+
+If ``LMCONFORM_FAULTY_PID_FILE`` is set, each engine process appends its pid
+to that file when it starts (tests use it to check that no process survives).
+
+``module:Class`` engines that misbehave inside the suite's own process (each
+must fail its cases, never end the run): ``ExitsInConstructor``,
+``ExitsInGenerate``, ``InterruptsInGenerate`` (raises ``KeyboardInterrupt``)
+and ``SwallowsTimeout`` (catches every exception while it sleeps, then answers).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
 
 from conformance.examples.jsonl_engine import JsonlServer, main
+from engines.adapters.reference import ReferenceEngine
 from engines.protocol import Unsupported
+
+PID_FILE_VARIABLE = "LMCONFORM_FAULTY_PID_FILE"
 
 
 def stderr(text: str) -> None:
@@ -94,6 +113,42 @@ class DiesAtStart(JsonlServer):
         sys.exit(1)
 
 
+class NullLogprobs(JsonlServer):
+    def generate(self, request, request_id):
+        for event in self.engine.generate(request):
+            self.write(replace(event, logprob=None), request_id)
+
+
+class StrayAfterFinish(JsonlServer):
+    def generate(self, request, request_id):
+        event = None
+        for event in self.engine.generate(request):
+            self.write(event, request_id)
+        self.write(replace(event, finish_reason=None), request_id)  # one event too many
+
+
+class ExitsLeavingChild(JsonlServer):
+    def generate(self, request, request_id):
+        # The child inherits stdout: the pipe stays open after this process is gone.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        stderr(f"started child {child.pid}; exiting without an answer")
+        os._exit(0)
+
+
+class HostileText(JsonlServer):
+    def generate(self, request, request_id):
+        stderr("\x1b[31mred\x1b[0m | pipe | ``` fence \x00 nul \x08 backspace \x0c ]]> </x>")
+        stderr("x" * 1_000_000)
+        os._exit(7)
+
+
+class IgnoresShutdown(JsonlServer):
+    def serve(self):
+        super().serve()
+        while True:  # after "shutdown" or end of input, keep running
+            time.sleep(3600)
+
+
 FAULTS: dict[str, type[JsonlServer]] = {
     "crash-on-third": CrashesOnThird,
     "garbage": PrintsGarbage,
@@ -103,10 +158,60 @@ FAULTS: dict[str, type[JsonlServer]] = {
     "wrong-id": AnswersAnotherId,
     "unsupported": RefusesEverything,
     "dies-at-start": DiesAtStart,
+    "null-logprobs": NullLogprobs,
+    "stray-after-finish": StrayAfterFinish,
+    "exits-leaving-child": ExitsLeavingChild,
+    "hostile-text": HostileText,
+    "ignores-shutdown": IgnoresShutdown,
 }
 
 
+# -- in-process (module:Class) engines ---------------------------------------------------------
+
+
+class ExitsInConstructor(ReferenceEngine):
+    name = "exits-in-constructor"
+
+    def __init__(self, source):
+        sys.exit(4)
+
+
+class ExitsInGenerate(ReferenceEngine):
+    name = "exits-in-generate"
+
+    def generate(self, request):
+        sys.exit(5)
+        yield from ()
+
+
+class InterruptsInGenerate(ReferenceEngine):
+    name = "interrupts-in-generate"
+
+    def generate(self, request):
+        raise KeyboardInterrupt("an engine pretending the user pressed Ctrl-C")
+        yield from ()
+
+
+class SwallowsTimeout(ReferenceEngine):
+    name = "swallows-timeout"
+
+    def generate(self, request):
+        try:
+            time.sleep(3)  # longer than the tests' case limit
+        except BaseException:  # noqa: BLE001, S110 - the fault: swallowing the time limit
+            pass
+        yield from super().generate(request)
+
+
+def _record_pid() -> None:
+    path = os.environ.get(PID_FILE_VARIABLE)
+    if path:
+        with open(path, "a") as out:
+            out.write(f"{os.getpid()}\n")
+
+
 if __name__ == "__main__":
+    _record_pid()
     if len(sys.argv) != 2 or sys.argv[1] not in FAULTS:
         sys.exit(f"usage: python -m conformance.examples.faulty_engines {{{','.join(FAULTS)}}}")
     main(FAULTS[sys.argv[1]])
