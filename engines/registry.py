@@ -6,12 +6,15 @@ here, so an engine that one of them accepts, all of them accept. A spec is
     NAME[:key=value...]            a built-in engine (``reference``, ``mlx-lm``, ...)
     module.path:Class[:key=value...]   your own Python adapter (a subclass of Engine)
     cmd:COMMAND LINE               a program speaking the JSON-lines protocol (PROTOCOL.md)
+    openai:URL[:key=value...]      a server speaking the OpenAI HTTP API (adapters/openai.py)
 
 Options are the trailing ``:key=value`` parts; the adapter's constructor receives them
 as keyword arguments (strings), so an option an engine does not take is an error
 that names the engine. ``cmd:`` specs take no options: everything after ``cmd:`` is
-the command line. A peer that is not installed is ``EngineUnavailable`` with the
-command that installs it; nothing here imports an engine's package before it is opened.
+the command line. An ``openai:`` URL holds colons itself, so there only trailing parts
+that start with ``key=`` are options (``openai:http://host:8080/v1:model=m:chat=1``).
+A peer that is not installed is ``EngineUnavailable`` with the command that installs it;
+nothing here imports an engine's package before it is opened.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 from dataclasses import dataclass, field
 
 from engines.models import ModelUnavailable, resolve
@@ -62,8 +66,8 @@ class EngineSpec:
     """A parsed engine spec; ``text`` is what the user wrote (the engine's label)."""
 
     text: str
-    kind: str  # "builtin", "module" or "cmd"
-    target: str  # built-in name, "module:Class" or the command line
+    kind: str  # "builtin", "module", "cmd" or "openai"
+    target: str  # built-in name, "module:Class", the command line or the server's URL
     options: dict[str, str] = field(default_factory=dict)
 
     def without(self, *keys: str) -> tuple[EngineSpec, dict[str, str]]:
@@ -74,13 +78,15 @@ class EngineSpec:
 
 
 def parse_spec(text: str) -> EngineSpec:
-    """``NAME[:k=v...]``, ``module:Class[:k=v...]`` or ``cmd:COMMAND`` -> EngineSpec."""
+    """``NAME[:k=v...]``, ``module:Class[:k=v...]``, ``cmd:COMMAND`` or ``openai:URL[:k=v...]``."""
     text = text.strip()
     if text.startswith("cmd:"):
         command = text.removeprefix("cmd:").strip()
         if not command:
             raise EngineUnavailable("a cmd: engine needs a command line, e.g. cmd:./my-engine")
         return EngineSpec(text, "cmd", command)
+    if text.startswith("openai:"):
+        return _parse_openai(text)
     parts = text.split(":")
     options: dict[str, str] = {}
     while len(parts) > 1 and "=" in parts[-1]:
@@ -99,6 +105,26 @@ def parse_spec(text: str) -> EngineSpec:
     return EngineSpec(text, "module", target, dict(reversed(options.items())))
 
 
+OPTION_PART = re.compile(r"^[A-Za-z_]\w*=")
+
+
+def _parse_openai(text: str) -> EngineSpec:
+    """``openai:URL[:k=v...]``: the URL's colons stay; trailing ``key=...`` parts are options."""
+    parts = text.removeprefix("openai:").strip().split(":")
+    options: dict[str, str] = {}
+    while len(parts) > 1 and OPTION_PART.match(parts[-1]):
+        for item in reversed(parts.pop().split(",")):
+            key, _, value = item.partition("=")
+            options[key.strip()] = value.strip()
+    url = ":".join(parts)
+    if not url.startswith(("http://", "https://")):
+        raise EngineUnavailable(
+            f"an openai: engine needs the server's URL, e.g. openai:http://127.0.0.1:8080/v1; "
+            f"got {text!r}"
+        )
+    return EngineSpec(text, "openai", url, dict(reversed(options.items())))
+
+
 def missing_requirements(name: str) -> list[str]:
     engine = BUILTIN_ENGINES[name]
     return [module for module in engine.requires if importlib.util.find_spec(module) is None]
@@ -115,6 +141,13 @@ def engine_class(spec: str | EngineSpec) -> type:
         from engines.adapters.cmd import CmdEngine  # an engine in another process
 
         return CmdEngine.bind(spec.target)
+    if spec.kind == "openai":
+        from engines.adapters.openai import OpenAIEngine  # a server, over HTTP
+
+        try:
+            return OpenAIEngine.bind(spec.target)
+        except ValueError as error:
+            raise EngineUnavailable(f"engine {spec.text!r}: {error}") from None
     target = spec.target
     if spec.kind == "builtin":
         missing = missing_requirements(spec.target)

@@ -29,7 +29,7 @@ from engines.deadline import Interrupted
 COMMAND_MODULES = {
     "conformance.cli": ("check", "snapshot"),
     "benchmarks.cli": ("bench",),
-    "reference.cli": ("generate", "models"),
+    "reference.cli": ("generate", "models", "serve"),
 }
 
 INTERNAL_ERROR = 3

@@ -1,4 +1,4 @@
-"""The reference's commands: ``lmconform generate`` and ``lmconform models``."""
+"""The reference's commands: ``lmconform generate``, ``models`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 def add_parsers(subparsers) -> None:
     add_generate_parser(subparsers)
     add_models_parser(subparsers)
+    add_serve_parser(subparsers)
 
 
 
@@ -143,4 +144,30 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"lmconform models export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.name} to {out}")
+    return 0
+
+
+def add_serve_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the reference engine over an OpenAI-compatible HTTP API",
+        description="The reference engine behind /v1/completions and /v1/chat/completions "
+        "(streaming, logprobs, token-id prompts, stop, logit_bias, seed); see reference/server.py.",
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="built-in name, folder, .gguf or Hub id"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from reference.server import serve
+
+    try:
+        serve(args.model, args.host, args.port)
+    except OSError as error:  # the port is taken, the address is not ours
+        print(f"lmconform serve: error: {error}", file=sys.stderr)
+        return 2
     return 0
