@@ -2,7 +2,9 @@
 
 Where to find things:
 
-- model.py             the Llama-family transformer
+- models/              the model families, one module each (llama.py holds the shared
+                       blocks; qwen, gemma, phi3, moe); picked by config's model_type
+- model.py             the Llama model at its historical import path
 - kv_cache.py          KVCache, RotatingKVCache, prompt-cache save/load/trim
 - prefill.py           chunked prompt processing
 - sampler.py           temperature, top-k, top-p, min-p sampling
@@ -13,7 +15,7 @@ Where to find things:
 - batch_cache.py       the batched KV cache (left padding, per-row positions)
 - tokenizer.py         tokenizer wrapper and the streaming detokenizer
 - loading.py           load(): built-in models, HF folders, GGUF files, Hub ids
-- dummy.py, gguf.py    the built-in tiny models; the GGUF reader
+- dummy.py, gguf.py    the built-in tiny models (one per family); the GGUF reader
 - export.py            write a model as a standard Hugging Face folder
 """
 

@@ -2,8 +2,11 @@
 
 ``export_model("dummy", out_dir)`` writes:
 
-* ``config.json`` (``LlamaForCausalLM``, ``model_type``, ``torch_dtype``, EOS ids);
-* ``model.safetensors`` with Hugging Face parameter names;
+* ``config.json`` (``architectures`` and ``model_type`` of the model's family,
+  ``torch_dtype``, EOS ids);
+* ``model.safetensors`` with Hugging Face parameter names (every family's
+  reference model uses its checkpoints' names: fused ``qkv_proj`` for Phi-3,
+  one module per MoE expert, ...);
 * ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template),
   ``special_tokens_map.json``;
 * ``generation_config.json`` with the EOS ids.
@@ -57,8 +60,9 @@ def export_config(
 ) -> dict[str, Any]:
     """``config.json`` for the written folder: the loaded config plus what other loaders need."""
     config = dict(config)
-    config.setdefault("architectures", ["LlamaForCausalLM"])
     config.setdefault("model_type", "llama")
+    if config["model_type"] == "llama":  # other families' configs name their own class
+        config.setdefault("architectures", ["LlamaForCausalLM"])
     config["torch_dtype"] = DTYPE_NAMES[float_dtype(weights)]
     eos = sorted(tokenizer.eos_token_ids)
     config["eos_token_id"] = eos[0] if len(eos) == 1 else eos

@@ -112,13 +112,18 @@ class RotatingKVCache(StoredKeys):
     ``p - q < max_size - keep``). Between calls at most ``max_size - 1``
     positions are stored: ``keep`` sinks and ``window - 1`` recent keys, so a
     single new token sees exactly ``max_size`` keys, itself included.
+
+    ``slack`` more recent keys may be stored (masked out, never seen): they let
+    the last ``slack`` positions be trimmed exactly after eviction has begun,
+    which speculative decoding needs to take back rejected draft tokens.
     """
 
-    def __init__(self, max_size: int, keep: int = 0):
+    def __init__(self, max_size: int, keep: int = 0, slack: int = 0):
         if max_size <= keep:
             raise ValueError(f"max_size ({max_size}) must exceed keep ({keep})")
         self.max_size = max_size
         self.keep = keep
+        self.slack = slack
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
@@ -154,31 +159,43 @@ class RotatingKVCache(StoredKeys):
         return keys, values
 
     def _retain(self, x: mx.array) -> mx.array:
-        """Sinks plus the ``window - 1`` most recent positions of ``x``."""
-        if x.shape[2] <= self.max_size - 1:
+        """Sinks plus the ``window - 1 + slack`` most recent positions of ``x``."""
+        recent = self.window - 1 + self.slack
+        if x.shape[2] <= self.keep + recent:
             return x
-        recent = self.window - 1
         tail = x[..., x.shape[2] - recent :, :] if recent else x[..., :0, :]
         return mx.concatenate([x[..., : self.keep, :], tail], axis=2)
 
     def size(self) -> int:
-        return min(self.offset, self.max_size - 1)
+        return min(self.offset, self.max_size - 1 + self.slack)
 
     def empty(self) -> bool:
         return self.offset == 0
 
     def is_trimmable(self) -> bool:
-        # Once positions have been evicted they cannot be restored.
-        return self.offset < self.max_size
+        # Once positions have been evicted only the slack can be trimmed.
+        return self.offset < self.max_size or self.slack > 0
+
+    def trimmable(self) -> int:
+        """How many of the last positions ``trim`` can take back exactly: all of them while
+        nothing has been evicted, then those stored beyond the window."""
+        stored = 0 if self.keys is None else self.keys.shape[2]
+        if stored == self.offset:
+            return self.offset
+        return stored - self.keep - (self.window - 1)
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
+        if n > self.trimmable():
+            # The window before the new end was partly evicted: refuse rather than be wrong.
+            raise ValueError(
+                f"cannot trim {n} positions exactly from a sliding window of {self.max_size} "
+                f"at offset {self.offset} (slack {self.slack}); at most {self.trimmable()}"
+            )
         self.offset -= n
         if self.keys is not None:
-            self.keys, self.values = (
-                self.keys[..., : self.offset, :],
-                self.values[..., : self.offset, :],
-            )
+            stored = self.keys.shape[2] - n
+            self.keys, self.values = self.keys[..., :stored, :], self.values[..., :stored, :]
         return n
 
     @property
@@ -187,7 +204,12 @@ class RotatingKVCache(StoredKeys):
 
     @property
     def meta_state(self) -> dict[str, Any]:
-        return {"offset": self.offset, "max_size": self.max_size, "keep": self.keep}
+        return {
+            "offset": self.offset,
+            "max_size": self.max_size,
+            "keep": self.keep,
+            "slack": self.slack,
+        }
 
 
 CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}

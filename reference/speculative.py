@@ -9,7 +9,10 @@ Each round:
 3. Proposals are accepted while they equal the target's own samples; the
    first disagreement is replaced by the target's token (and a full
    acceptance earns the target's bonus token at position ``k + 1``).
-4. Both caches are trimmed back to the accepted positions.
+4. Both caches are trimmed back to the accepted positions. Sliding-window
+   layers keep ``num_draft_tokens`` positions beyond their window
+   (``RotatingKVCache``'s ``slack``), so that trimming stays exact however
+   long the text grows.
 
 Every emitted token is a token the target itself sampled from its own
 distribution at the right context, so the output distribution is exactly the
@@ -30,7 +33,12 @@ from .inputs import (
     check_prefill_step_size,
     check_prompt,
 )
-from .kv_cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from .kv_cache import (
+    RotatingKVCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 from .prefill import log_softmax, prefill
 from .sampler import greedy_sampler
 
@@ -61,7 +69,8 @@ def speculative_generate_step(
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     if prompt_cache is None:
-        model_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(draft_model)
+        model_cache = with_slack(make_prompt_cache(model), num_draft_tokens)
+        draft_cache = with_slack(make_prompt_cache(draft_model), num_draft_tokens)
     else:
         n_layers = len(model.layers)
         model_cache, draft_cache = prompt_cache[:n_layers], prompt_cache[n_layers:]
@@ -120,3 +129,11 @@ def speculative_generate_step(
             last = [targets[accepted]]
             # After a full acceptance the draft has not yet seen its own last proposal.
             draft_inputs = proposals[-1:] + last if accepted == k else last
+
+
+def with_slack(cache: list, slack: int) -> list:
+    """``cache`` with room to take back ``slack`` positions from its sliding windows."""
+    return [
+        RotatingKVCache(c.max_size, c.keep, slack) if isinstance(c, RotatingKVCache) else c
+        for c in cache
+    ]

@@ -98,11 +98,14 @@ def flatten_rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(rope, dict) or "rope_theta" not in rope:
         return config
     config = dict(config)
-    config.setdefault("rope_theta", rope["rope_theta"])
+    classic = {"rope_theta": rope["rope_theta"]}
     if rope.get("partial_rotary_factor") is not None:
-        config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        classic["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if rope.get("rope_type", "default") != "default":
-        config.setdefault("rope_scaling", rope)
+        classic["rope_scaling"] = rope
+    for key, value in classic.items():
+        if config.get(key) is None:  # the classic entry wins where both are given
+            config[key] = value
     return config
 
 
