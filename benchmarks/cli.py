@@ -57,7 +57,7 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     opt("--workloads", help="comma list of workloads or sets: "
         f"{', '.join([*workloads.WORKLOAD_SETS, *workloads.standard_workloads()])} "
         "(default quick)", **kwargs)
-    opt("--trials", type=_trials, help="timed trials per engine and workload (default 5); "
+    opt("--trials", type=trials, help="timed trials per engine and workload (default 5); "
         "'auto': blocks until the 95%% interval is narrower than --target-width or "
         "--time-budget ends", **kwargs)
     opt("--warmup", type=int, help="untimed rounds first (default 1)", **kwargs)
@@ -75,21 +75,21 @@ RUN_DEFAULTS = {
 }
 
 
-def _probability(text: str) -> float:
+def probability(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 10:
         raise argparse.ArgumentTypeError(f"must be a fraction >= 0 (0.02 is 2%), got {text}")
     return value
 
 
-def _trials(text: str) -> int | str:
+def trials(text: str) -> int | str:
     if text == "auto":
         return text
     try:
@@ -127,7 +127,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     show.add_argument("--metric", dest="changes_metric", help="with --changes: only this metric")
     show.add_argument("--workload", dest="changes_workload",
                       help="with --changes: only this workload")
-    show.add_argument("--min-change", type=_fraction, default=0.01,
+    show.add_argument("--min-change", type=fraction, default=0.01,
                       help="with --changes: smallest step reported, as a fraction (0.01)")
     _add_format(show)
     _add_db(show, default=argparse.SUPPRESS)
@@ -140,9 +140,9 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     cmp.add_argument("head", nargs="?", help="run id or commit (latest)")
     cmp.add_argument("--ab", metavar="BASE,HEAD",
                      help="compare engine HEAD to engine BASE within one run, paired by trial")
-    cmp.add_argument("--alpha", type=_probability, default=0.05,
+    cmp.add_argument("--alpha", type=probability, default=0.05,
                      help="1 - confidence of the intervals (0.05)")
-    cmp.add_argument("--min-effect", type=_fraction, default=DEFAULT_MIN_EFFECT,
+    cmp.add_argument("--min-effect", type=fraction, default=DEFAULT_MIN_EFFECT,
                      help="smallest change that counts as a regression, as a fraction "
                      f"({DEFAULT_MIN_EFFECT})")
     cmp.add_argument("--allow-different-machines", action="store_true")

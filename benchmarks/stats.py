@@ -210,18 +210,14 @@ def compare_samples(
     verdict = Verdict(UNCHANGED, change=change, p_value=_p_value(base, head, paired), low=low,
                       high=high, mde=minimum_detectable_effect(interval, alpha), **common)
     if math.isinf(verdict.mde):
-        return _with(verdict, UNCHANGED, f"too few samples for a {1 - alpha:.4g} interval")
+        return replace(verdict, note=f"too few samples for a {1 - alpha:.4g} interval")
     if not verdict.significant:
-        return _with(verdict, UNCHANGED, f"no change detectable above {verdict.mde:.1%}")
+        return replace(verdict, note=f"no change detectable above {verdict.mde:.1%}")
     if abs(change) < min_effect:
-        return _with(verdict, UNCHANGED,
-                     f"significant shift {change:+.1%} is below the {min_effect:.0%} minimum effect")
+        note = f"significant shift {change:+.1%} is below the {100 * min_effect:g}% minimum effect"
+        return replace(verdict, note=note)
     better = change > 0 if higher_is_better else change < 0
-    return _with(verdict, IMPROVED if better else REGRESSED, "")
-
-
-def _with(verdict: Verdict, name: str, note: str) -> Verdict:
-    return replace(verdict, verdict=name, note=note)
+    return replace(verdict, verdict=IMPROVED if better else REGRESSED)
 
 
 def describe(verdict: Verdict, higher_is_better: bool, speed: bool = True) -> str:

@@ -88,6 +88,9 @@ def test_compare_refuses_other_hardware_unless_told(db, capsys):
 
 def test_compare_names_what_is_missing(db, capsys):
     assert bench("compare", "--db", db) == 2
+    assert "no history at" in capsys.readouterr().err
+    History(db).close()  # a history without runs
+    assert bench("compare", "--db", db) == 2
     assert "no runs yet" in capsys.readouterr().err
 
 
@@ -196,3 +199,38 @@ def test_a_model_no_engine_can_load_is_a_clear_error(db, capsys):
     assert bench("--engines", "reference", "--model", "no-such-model", "--db", db) == 2
     err = capsys.readouterr().err
     assert "no engine could be loaded" in err and "no-such-model" in err
+
+
+def test_ab_compare_within_one_run_reports_the_effect_with_its_interval(db, capsys):
+    engines = f"{FAST}:name=a,{FAST}:slowdown=1.0:name=b"  # b's decode steps twice as long
+    assert bench("--engines", engines, "--model", "synthetic", "--workloads", "decode-16",
+                 "--trials", 6, "--no-bandwidth", "--db", db) == 0
+    capsys.readouterr()
+    assert bench("compare", "--ab", "a,b", "--db", db) == 1
+    out = capsys.readouterr().out
+    assert "runs: run 1" in out and "b vs a" in out and "slower by" in out
+    assert bench("compare", "--ab", "a,b", "--format", "json", "--db", db) == 1
+    document = json.loads(capsys.readouterr().out)
+    (decode,) = [v for v in document["verdicts"] if v["metric"] == "decode_tps"]
+    assert decode["verdict"] == "regressed" and decode["paired"]
+    assert decode["ci_low"] <= decode["change"] <= decode["ci_high"] < 0
+    assert document["counts"]["regressed"] >= 1
+    assert bench("compare", "--ab", "a,b", "--format", "csv", "--db", db) == 1
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.startswith("workload,engine,model,metric,verdict,change,ci_low,ci_high")
+    assert any(line.startswith("decode-16,b vs a,synthetic,decode_tps,regressed,")
+               for line in lines)
+
+
+def test_show_exports_json_and_csv_with_the_median_interval(db, capsys):
+    run_synthetic(db)
+    capsys.readouterr()
+    assert bench("show", "--format", "json", "--db", db) == 0
+    records = json.loads(capsys.readouterr().out)
+    (decode,) = [r for r in records if r["metric"] == "decode_tps"]
+    assert decode["n"] == 5 and len(decode["values"]) == 5
+    assert decode["median"] == sorted(decode["values"])[2]
+    assert decode["ci_low"] is None  # 5 samples cannot give a 95% interval for the median
+    assert bench("show", "--format", "csv", "--db", db) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.split(",")[:5] == ["workload", "metric", "engine", "unit", "median"]
