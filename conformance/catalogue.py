@@ -17,12 +17,18 @@ Request fields in the data (besides every ``GenerateRequest`` field):
 - a token may be written as an id, as ``"@token:TEXT"`` (the one token that
   TEXT encodes to), or as ``"@greedy[k]"``: the token the reference picks at
   step k for the same request without the fields that use ``@greedy``.
+
+Besides the cases written out, ``[combinations]`` in ``cases.toml`` declares
+variants (a feature and how it enters a request) and which pairs of them do not
+compose; ``combination_cases`` generates one case per remaining pair
+(``combo/A+B``), of the kind the pair's roles call for (see ``cases.toml``).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ KINDS = (
     "score",
 )
 CASE_KEYS = {"id", "kind", "models", "about", "request", "expect", "params"}
+ROLES = ("check", "shape", "invariant")
 GREEDY_REF = re.compile(r"^@greedy\[(\d+)\]$")
 TOKEN_REF = re.compile(r"^@token:(.+)$", re.DOTALL)
 
@@ -81,9 +88,19 @@ class Oracle(Protocol):
 
 
 def load_cases(path: Path = CASES_FILE) -> list[Case]:
-    """All cases of the catalogue, checked for the fields every case needs."""
+    """All cases of the catalogue (written and generated), checked for the fields every
+    case needs."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
+    cases = _written_cases(data) + combination_cases(data.get("combinations", {}))
+    ids = [c.id for c in cases]
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:
+        raise CatalogueError(f"duplicate case ids: {sorted(duplicates)}")
+    return cases
+
+
+def _written_cases(data: dict[str, Any]) -> list[Case]:
     cases = []
     for raw in data.get("case", []):
         unknown = set(raw) - CASE_KEYS
@@ -107,11 +124,121 @@ def load_cases(path: Path = CASES_FILE) -> list[Case]:
                 expect=raw.get("expect", {}),
             )
         )
-    ids = [c.id for c in cases]
-    duplicates = {i for i in ids if ids.count(i) > 1}
-    if duplicates:
-        raise CatalogueError(f"duplicate case ids: {sorted(duplicates)}")
     return cases
+
+
+# -- combinations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One feature as it enters a request (see ``[combinations]`` in cases.toml)."""
+
+    name: str
+    role: str  # "check", "shape" or "invariant"
+    kind: str | None = None  # the kind of check, for role "check"
+    request: dict[str, Any] = field(default_factory=dict)  # fields added to the request
+    params: dict[str, Any] = field(default_factory=dict)  # the check's params, role "check"
+
+
+def combination_cases(spec: dict[str, Any]) -> list[Case]:
+    """One case per pair of variants that composes, for each model that asks for it."""
+    if not spec:
+        return []
+    variants = {v["name"]: _variant(v) for v in spec.get("variant", [])}
+    excluded = {}
+    for entry in spec.get("exclude", []):
+        pair = frozenset(entry["pair"])
+        if not pair <= set(variants):
+            raise CatalogueError(f"combinations.exclude names unknown variants {entry['pair']}")
+        excluded[pair] = entry["why"]
+    by_pair: dict[str, Case] = {}
+    for model in spec.get("model", []):
+        base = {k: model.get(k, spec.get(k)) for k in ("prompt", "max_tokens", "rows")}
+        for a, b in _pairs(model["pairs"], variants, excluded):
+            # A model with inputs of its own (id_prefix) gets cases of its own.
+            case = _combination(variants[a], variants[b], base, model.get("id_prefix", ""))
+            by_pair.setdefault(case.id, case).models.append(model["name"])
+    return list(by_pair.values())
+
+
+def _variant(raw: dict[str, Any]) -> Variant:
+    variant = Variant(
+        raw["name"], raw["role"], raw.get("kind"), raw.get("request", {}), raw.get("params", {})
+    )
+    if variant.role not in ROLES:
+        raise CatalogueError(f"variant {variant.name!r}: role must be one of {ROLES}")
+    if (variant.role == "check") != (variant.kind in KINDS):
+        raise CatalogueError(f"variant {variant.name!r}: a check variant needs a kind, and only it")
+    return variant
+
+
+def _pairs(asked, variants: dict[str, Variant], excluded) -> list[tuple[str, str]]:
+    """The pairs a model asks for ("all": every pair not excluded), in declaration order."""
+    order = list(variants)
+    if asked == "all":
+        pairs = [p for p in itertools.combinations(order, 2) if frozenset(p) not in excluded]
+    else:
+        pairs = [tuple(sorted(p, key=order.index)) for p in asked]
+    for a, b in pairs:
+        if frozenset((a, b)) in excluded:
+            raise CatalogueError(f"pair {a} x {b} is excluded: {excluded[frozenset((a, b))]}")
+        checks = [variants[v] for v in (a, b) if variants[v].role == "check"]
+        if len(checks) == 2 and {c.name for c in checks} != {"batch", "prompt_cache"}:
+            raise CatalogueError(f"pair {a} x {b}: two checks that cannot hold each other")
+    return pairs
+
+
+def _combination(a: Variant, b: Variant, base: dict[str, Any], prefix: str) -> Case:
+    """The case for one pair: its kind from the roles, its request from the base request."""
+    # A check variant decides the kind; otherwise a shape x invariant pair compares the
+    # invariant against the shaped request, and two of a role go together.
+    checks = [v for v in (a, b) if v.role == "check"]
+    shapes = [v for v in (a, b) if v.role == "shape"]
+    invariants = [v for v in (a, b) if v.role == "invariant"]
+    request = {"prompt": base["prompt"], "max_tokens": base["max_tokens"]}
+    added = _merged(*(v.request for v in (a, b)))
+    params: dict[str, Any] = {}
+    about = f"{a.name} combined with {b.name}"
+    if {c.name for c in checks} == {"batch", "prompt_cache"}:
+        kind = "batch"
+        params["rows"] = [{**row, "cache_prefix": 2} for row in base["rows"]]
+        request = dict(base["rows"][0])
+        about += ": each row reuses a cache warmed with its prompt's first 2 tokens"
+    elif checks:
+        kind = checks[0].kind
+        params = copy.deepcopy(checks[0].params)
+        if kind == "batch":
+            params["rows"] = [_merged(row, added) for row in base["rows"]]
+            request = params["rows"][0]
+            about += ": rows of different lengths each equal their single run"
+        else:
+            request = _merged(request, added)
+    elif invariants and shapes:
+        kind = "invariance"
+        request = _merged(request, *(v.request for v in shapes))
+        params["variants"] = [_merged(*(v.request for v in invariants))]
+        about += f": with {invariants[0].name} the answer equals the answer without it"
+    elif invariants:
+        kind = "invariance"
+        params["variants"] = [added]
+        about += ": together they give the plain answer"
+    else:
+        kind = "equivalence"
+        request = _merged(request, added)
+    return Case(f"combo/{prefix}{a.name}+{b.name}", kind, [], about + ".", request, params)
+
+
+def _merged(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Request fields merged; nested tables (processors) merge key by key."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in copy.deepcopy(part).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "draft":
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
 
 
 def select_cases(cases: list[Case], model: str, pattern: str | None = None) -> list[Case]:

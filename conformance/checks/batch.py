@@ -1,29 +1,35 @@
 """Kind ``batch``: every row of a batch equals that request generated alone.
 
 Rows come from ``params.rows`` (each a request, with an optional
-``insert_at``: generation steps of the batch before the row joins), or, with
+``insert_at``: generation steps of the batch before the row joins, and an
+optional ``cache_prefix``: the row reuses a prompt cache that a single request
+for the prompt's first ``cache_prefix`` tokens warmed beforehand; it is then
+judged against its run from scratch), or, with
 ``params.haystack``, the case's request is a needle placed at a seeded random
 position among random prompts of random lengths, and only its row is judged.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from conformance.catalogue import random_prompts
 from conformance.checks.context import CaseContext
-from engines.protocol import BatchRequest, BatchRow
+from engines.protocol import BatchRequest, BatchRow, GenerateRequest
 
 
 def run(ctx: CaseContext) -> None:
     rows, judged = _rows(ctx)
     batch = BatchRequest(rows)
     ctx.require(batch.capabilities_needed())
-    ctx.primary_reference(ctx.request())
+    ctx.primary_reference(replace(ctx.request(), cache_key=None))
+    _warm_caches(ctx, rows)
     traces = ctx.run_batch(batch)
     name = ctx.engine_name
     for i in judged:
-        request = rows[i].request
+        request = replace(rows[i].request, cache_key=None)  # alone and reference: from scratch
         alone = ctx.run(request, f"row {i} alone")
         ctx.compare(
             f"row {i} in batch vs alone", alone, traces[i], f"{name} alone", f"{name} batch row {i}"
@@ -37,13 +43,27 @@ def run(ctx: CaseContext) -> None:
         )
 
 
+def _warm_caches(ctx: CaseContext, rows: list[BatchRow]) -> None:
+    """Fill each cached row's cache with a single request for the first part of its prompt."""
+    for i, (row, spec) in enumerate(zip(rows, ctx.params.get("rows", []))):
+        if row.request.cache_key is None:
+            continue
+        prefix = list(row.request.prompt[: spec["cache_prefix"]])
+        warm = GenerateRequest(prompt=prefix, max_tokens=1, cache_key=row.request.cache_key)
+        ctx.run(warm, f"row {i} cache warm-up")
+
+
 def _rows(ctx: CaseContext) -> tuple[list[BatchRow], list[int]]:
     if "rows" in ctx.params:
         rows = []
-        for spec in ctx.params["rows"]:
+        for i, spec in enumerate(ctx.params["rows"]):
             spec = dict(spec)
             insert_at = int(spec.pop("insert_at", 0))
-            rows.append(BatchRow(ctx.request(spec), insert_at))
+            cached = spec.pop("cache_prefix", None) is not None
+            request = ctx.request(spec)
+            if cached:
+                request = replace(request, cache_key=f"lmconform:{ctx.case.id}:row{i}")
+            rows.append(BatchRow(request, insert_at))
         return rows, list(range(len(rows)))
     hay = ctx.params["haystack"]
     rng = np.random.default_rng(hay["seed"])

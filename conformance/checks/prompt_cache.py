@@ -13,7 +13,6 @@ from dataclasses import replace
 
 from conformance.catalogue import CatalogueError
 from conformance.checks.context import CaseContext
-from engines.protocol import GenerateRequest
 
 
 def run(ctx: CaseContext) -> None:
@@ -37,7 +36,8 @@ def run(ctx: CaseContext) -> None:
         raise CatalogueError(
             f"{ctx.case.id}: follow must be 'continue' or 'diverge', got {follow!r}"
         )
-    second = GenerateRequest(prompt=prompt, max_tokens=ctx.params["max_tokens"], cache_key=key)
+    # The second turn keeps the first turn's settings (penalties, stop sequences, ...).
+    second = replace(first, prompt=prompt, max_tokens=ctx.params["max_tokens"])
     cached = ctx.run(second, "second turn, cached")
     fresh = ctx.run(replace(second, cache_key=None), "second turn, from scratch")
     ctx.compare("cached vs from scratch", fresh, cached, f"{name} from scratch", f"{name} cached")

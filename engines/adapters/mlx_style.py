@@ -15,6 +15,7 @@ model. Everything here is written the way an mlx-lm user would write it:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -48,6 +49,11 @@ ALL_BUT_BATCH = frozenset(
         "score",
     }
 )
+
+
+def with_history(processor, held: mx.array):
+    """A logits processor that sees ``held`` (tokens already in a reused cache) first."""
+    return lambda tokens, logits: processor(mx.concatenate([held, tokens]), logits)
 
 
 class MlxStyleEngine(Engine):
@@ -90,6 +96,12 @@ class MlxStyleEngine(Engine):
             if request.prompt_embeddings is not None:
                 raise Unsupported("a cache key together with prompt embeddings")
             prompt, kwargs["prompt_cache"] = self.reuse_cache(request)
+            if kwargs.get("logits_processors"):
+                # Penalties count the whole prompt, not only the part still to feed.
+                held = mx.array(request.prompt[: len(request.prompt) - prompt.size], dtype=prompt.dtype)
+                kwargs["logits_processors"] = [
+                    with_history(p, held) for p in kwargs["logits_processors"]
+                ]
         if request.sampler.seed is not None:
             mx.random.seed(request.sampler.seed)
         with self.end_tokens(request.stop_tokens):
@@ -109,16 +121,22 @@ class MlxStyleEngine(Engine):
             raise Unsupported(f"{self.name} has no BatchGenerator")
         rows = [row.request for row in request.rows]
         for r in rows:
-            if r.draft or r.prompt_embeddings is not None or r.cache_key or r.max_kv_size:
-                raise Unsupported("batch rows with drafts, embeddings, caches or max_kv_size")
-            if r.stop_sequences or set(r.stop_tokens) != set(rows[0].stop_tokens):
-                raise Unsupported("batch rows with stop sequences or with different stop tokens")
+            if r.draft or r.prompt_embeddings is not None:
+                raise Unsupported("batch rows with drafts or embeddings")
+            if r.max_kv_size != rows[0].max_kv_size:
+                raise Unsupported("batch rows with different max_kv_size")
+            if set(r.stop_tokens) != set(rows[0].stop_tokens):
+                raise Unsupported("batch rows with different stop tokens")
         if rows[0].sampler.seed is not None:
             mx.random.seed(rows[0].sampler.seed)
         ends = sorted(set(self.tokenizer.eos_token_ids) | set(rows[0].stop_tokens))
         options = {}
         if rows[0].prefill_step_size is not None:
             options["prefill_step_size"] = rows[0].prefill_step_size
+        if rows[0].max_kv_size is not None:
+            options["max_kv_size"] = rows[0].max_kv_size
+        prompts, caches, held = zip(*(self.batch_row_prompt(r) for r in rows))
+        stops = self.batch_stops(rows, ends)
         generator = self.api.BatchGenerator(self.model, stop_tokens=[[t] for t in ends], **options)
         outputs: list[list[TokenEvent]] = [[] for _ in rows]
         waiting = sorted(range(len(rows)), key=lambda i: request.rows[i].insert_at)
@@ -134,8 +152,11 @@ class MlxStyleEngine(Engine):
                 if due:
                     waiting = [i for i in waiting if i not in due]
                     uids = generator.insert(
-                        [rows[i].prompt for i in due],
+                        [prompts[i] for i in due],
                         max_tokens=[rows[i].max_tokens for i in due],
+                        caches=[caches[i] for i in due],
+                        all_tokens=[held[i] for i in due],
+                        stop_sequences=[stops[i] for i in due] if stops else None,
                         samplers=[self.sampler(rows[i].sampler) for i in due],
                         logits_processors=[self.processors(rows[i].processors) or [] for i in due],
                     )
@@ -225,6 +246,26 @@ class MlxStyleEngine(Engine):
 
     def prompt_array(self, request: GenerateRequest) -> mx.array:
         return mx.array(list(request.prompt), dtype=mx.int32)
+
+    def batch_stops(self, rows: list[GenerateRequest], ends: list[int]) -> list | None:
+        """Per-row stop sequences (end tokens too), or None where no row has its own. mlx-lm
+        takes them as its ``StopSequences`` automata, the reference as plain lists."""
+        if not any(r.stop_sequences for r in rows):
+            return None
+        module = importlib.import_module(self.api.BatchGenerator.__module__)
+        automaton = getattr(module, "StopSequences", list)
+        return [automaton([[t] for t in ends] + [list(s) for s in r.stop_sequences]) for r in rows]
+
+    def batch_row_prompt(self, request: GenerateRequest) -> tuple[list[int], list | None, list]:
+        """A batch row's prompt still to feed, the cache holding the rest (None: a fresh
+        one), and the tokens in that cache. A reused cache is taken out of the store: the
+        batch extends it in place, past what the store would say it holds."""
+        if request.cache_key is None:
+            return list(request.prompt), None, []
+        rest, cache = self.reuse_cache(request)
+        self._caches.pop(request.cache_key, None)
+        rest = rest.tolist()
+        return rest, cache, list(request.prompt[: len(request.prompt) - len(rest)])
 
     def draft_model(self, name: str):
         if name == "self":
