@@ -19,7 +19,8 @@ so a fresh process behaves the same way again):
 - ``unsupported``: refuses every generation with an "unsupported" error;
 - ``dies-at-start``: exits before its hello;
 - ``null-logprobs``: declares ``logprobs`` but sends ``logprob: null``;
-- ``stray-after-finish``: writes one more event after each finished request;
+- ``stray-after-finish``: writes one more event after its first finished request
+  (with ``LMCONFORM_FAULTY_ONCE_FILE`` set: only in the first process);
 - ``exits-leaving-child``: at its first request, starts a child that keeps its
   stdout open, then exits (the exit must be noticed at once, the child killed);
 - ``hostile-text``: writes terminal escapes, XML-illegal characters, Markdown
@@ -48,6 +49,7 @@ from engines.adapters.reference import ReferenceEngine
 from engines.protocol import Unsupported
 
 PID_FILE_VARIABLE = "LMCONFORM_FAULTY_PID_FILE"
+ONCE_FILE_VARIABLE = "LMCONFORM_FAULTY_ONCE_FILE"
 
 
 def stderr(text: str) -> None:
@@ -120,11 +122,15 @@ class NullLogprobs(JsonlServer):
 
 
 class StrayAfterFinish(JsonlServer):
+    strayed = False
+
     def generate(self, request, request_id):
         event = None
         for event in self.engine.generate(request):
             self.write(event, request_id)
-        self.write(replace(event, finish_reason=None), request_id)  # one event too many
+        if not self.strayed and not _done_once():
+            self.strayed = True
+            self.write(replace(event, finish_reason=None), request_id)  # one event too many
 
 
 class ExitsLeavingChild(JsonlServer):
@@ -201,6 +207,19 @@ class SwallowsTimeout(ReferenceEngine):
         except BaseException:  # noqa: BLE001, S110 - the fault: swallowing the time limit
             pass
         yield from super().generate(request)
+
+
+def _done_once() -> bool:
+    """With ``LMCONFORM_FAULTY_ONCE_FILE`` set, a fault happens once across processes:
+    False the first time (the file is created), True ever after."""
+    path = os.environ.get(ONCE_FILE_VARIABLE)
+    if not path:
+        return False
+    try:
+        open(path, "x").close()
+    except FileExistsError:
+        return True
+    return False
 
 
 def _record_pid() -> None:

@@ -138,8 +138,11 @@ class LineProcess:
         stream = self.process.stderr
         try:
             while raw := stream.readline(MAX_STDERR_LINE * 4):  # bounded, however long the line
+                cut = not raw.endswith(b"\n")
+                while cut and (rest := stream.readline(MAX_STDERR_LINE * 4)):
+                    cut = not rest.endswith(b"\n")  # the rest of an overlong line: dropped
                 line = raw.decode("utf-8", "replace").rstrip("\n")
-                if len(line) > MAX_STDERR_LINE:
+                if len(line) > MAX_STDERR_LINE or not raw.endswith(b"\n"):
                     line = line[:MAX_STDERR_LINE] + " [cut]"
                 self._stderr.append(line)
         except (OSError, ValueError):
