@@ -20,6 +20,7 @@ but costs up to ``num_experts / num_experts_per_tok`` times the work in prefill.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -77,7 +78,9 @@ def route(logits: mx.array, top_k: int, normalize: bool) -> mx.array:
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, args: ModelArgs, expert):
+    """Router plus ``num_experts`` experts built by ``expert(hidden_size, expert_size)``."""
+
+    def __init__(self, args: ModelArgs, expert: Callable[[int, int], nn.Module]):
         super().__init__()
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)  # the router
         dim, hidden = args.hidden_size, args.moe_intermediate_size
