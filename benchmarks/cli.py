@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sqlite3
 import sys
 import tempfile
@@ -61,6 +62,12 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
         "'auto': blocks until the 95%% interval is narrower than --target-width or "
         "--time-budget ends", **kwargs)
     opt("--warmup", type=int, help="untimed rounds first (default 1)", **kwargs)
+    opt("--max-warmup", type=int, help="more warm-up rounds, up to this many, while the first "
+        "metric still moves by more than 3%% (default: --warmup, no extra rounds)", **kwargs)
+    opt("--seed", type=int, help="seed of the blocks' random engine order (default: a random "
+        "seed, recorded with the run)", **kwargs)
+    opt("--target-width", type=fraction, help="--trials auto: stop when every 95%% interval "
+        "is narrower than this fraction (default 0.02)", **kwargs)
     opt("--time-budget", type=float, help="stop starting trials after this many seconds",
         **kwargs)
     opt("--no-bandwidth", action="store_true", help="skip the bandwidth (roofline) measurement",
@@ -72,6 +79,7 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
 RUN_DEFAULTS = {
     "engines": "reference", "model": "dummy", "workloads": "quick", "trials": 5, "warmup": 1,
     "time_budget": None, "no_bandwidth": False, "markdown": None, "db": None,
+    "max_warmup": None, "seed": None, "target_width": 0.02,
 }
 
 
@@ -208,6 +216,15 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return guarded
 
 
+def _design(args) -> dict:
+    """The RunPlan's measurement-design settings from the options."""
+    return {
+        "order_seed": args.seed if args.seed is not None else random.randrange(2**31),
+        "max_warmup": args.max_warmup, "target_width": args.target_width,
+        "auto_budget_s": args.time_budget or runner.RunPlan.auto_budget_s,
+    }
+
+
 def run_command(args) -> int:
     try:
         chosen = workloads.resolve(args.workloads)
@@ -216,6 +233,7 @@ def run_command(args) -> int:
             engines=[engines.TimedEngine.from_spec(spec, args.model) for spec in specs],
             model=args.model, workloads=chosen, trials=args.trials, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, time_budget_s=args.time_budget,
+            **_design(args),
         )
     except (ValueError, engines.EngineUnavailable) as error:
         return _error(str(error))

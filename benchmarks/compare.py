@@ -90,7 +90,7 @@ class Comparison:
                 f"{v.change:+.1%}", f"{v.low:+.1%} to {v.high:+.1%}",
                 "-" if v.p_value is None else f"{v.p_value:.3g}",
                 v.verdict.upper() if v.verdict == REGRESSED else v.verdict,
-                meaning(key, v) if not v.note or v.significant else v.note,
+                v.note or meaning(key, v),
             ])
         return table
 

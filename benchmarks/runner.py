@@ -1,40 +1,78 @@
-"""The bench runner: engines interleaved trial by trial, every trial stored at once.
+"""The bench runner: engines interleaved in blocks, every block stored at once.
 
 Why interleave: a laptop or a shared CI box drifts (thermal throttling, a neighbour's
 job) over minutes. Running all of engine A, then all of engine B, charges the drift
-to whichever ran second. Running A B A B ... spreads it evenly, so the *ratio*
-between engines holds even when the absolute numbers wander.
+to whichever ran second. Running blocks of one trial per engine spreads it evenly,
+so the *ratio* between engines holds even when the absolute numbers wander; and
+with ``order_seed`` each block runs its engines in a random order (seeded and
+recorded), so that no engine always runs first, right after a context switch.
 
-For each workload: every engine first runs ``warmup`` untimed rounds (compilation,
-allocator growth, caches), then ``trials`` rounds of A B A B ...; each (trial,
-engine) result is committed to the history before the next starts, so a run that
-is killed keeps everything it finished. Progress goes to stderr, one line per trial.
+For each workload:
+
+1. warm-up: every engine runs ``warmup`` untimed rounds (compilation, allocator
+   growth, caches), then more, up to ``max_warmup``, while the first metric still
+   moves by more than ``stable_within`` from one round to the next;
+2. blocks: one trial per engine, in the block's order. Each trial records wall time
+   and this process's CPU time, and the machine's state from ``/proc/stat``: the
+   share of CPU time the hypervisor stole, and how many cores other processes kept
+   busy. A block with a disturbed trial (steal above ``max_steal``, or the other
+   processes' load off its running median by more than ``max_load_change`` cores)
+   is measured again, up to ``max_repeats`` times, rather than kept;
+3. ``trials`` blocks, or with ``trials="auto"`` blocks until the 95% interval of
+   every engine's first metric (paired against the first engine; alone: of its
+   median) is narrower than ``target_width``, or ``auto_budget_s`` is spent.
+
+Each block is committed to the history before the next starts, so a run that is
+killed keeps every block it finished. Progress goes to stderr, one line per trial.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
 from typing import TextIO
 
 from benchmarks import fingerprint, revision, roofline
-from benchmarks.engines import INSTALL_HINTS, BenchEngine
+from benchmarks.engines import TimedEngine
 from benchmarks.history import History
+from benchmarks.stats import median_interval, shift_interval
 from benchmarks.workloads import Workload, metric
+from engines.protocol import Unsupported
+from engines.registry import EngineUnavailable
 
 
 @dataclass
 class RunPlan:
-    engines: list[BenchEngine]
+    engines: list[TimedEngine]  # opened by the run (``load``), closed at its end
     model: str
     workloads: list[Workload]
-    trials: int = 5
+    trials: int | str = 5  # or "auto"
     warmup: int = 1
     measure_bandwidth: bool = True
     # Stop starting new trials after this many seconds (finished trials are kept).
     time_budget_s: float | None = None
+    # Each block's engine order is shuffled with this seed; None keeps the given order.
+    order_seed: int | None = None
+    # Warm-up goes on (up to max_warmup rounds) while the first metric moves more than this.
+    max_warmup: int | None = None
+    stable_within: float = 0.03
+    # A block is repeated (up to max_repeats times) when a trial in it was disturbed.
+    max_steal: float = 0.10  # share of the trial's CPU time stolen by the hypervisor
+    max_load_change: float = 1.0  # cores of other processes' load away from its median
+    max_repeats: int = 2
+    # trials="auto": blocks until every interval is this narrow (relative), between
+    # min_trials and max_trials blocks, at most auto_budget_s seconds per workload.
+    target_width: float = 0.02
+    min_trials: int = 6
+    max_trials: int = 200
+    auto_budget_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -42,10 +80,27 @@ class RunPlan:
         names = [e.name for e in self.engines]
         if len(set(names)) != len(names):
             raise ValueError(f"engine names must be distinct (use name=...), got {names}")
-        if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.trials != "auto" and (not isinstance(self.trials, int) or self.trials < 1):
+            raise ValueError(f"trials must be >= 1 or 'auto', got {self.trials!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.max_warmup is not None and self.max_warmup < self.warmup:
+            raise ValueError(f"max_warmup ({self.max_warmup}) is below warmup ({self.warmup})")
+        if not 0 < self.target_width < 10 or self.auto_budget_s <= 0:
+            raise ValueError("target_width must be in (0, 10) and auto_budget_s positive")
+        if self.max_repeats < 0:
+            raise ValueError(f"max_repeats must be >= 0, got {self.max_repeats}")
+
+    @property
+    def auto(self) -> bool:
+        return self.trials == "auto"
+
+    def design(self) -> dict:
+        """The measurement design, stored with the run."""
+        keep = ("trials", "warmup", "max_warmup", "stable_within", "order_seed", "max_steal",
+                "max_load_change", "max_repeats", "target_width", "min_trials", "max_trials",
+                "auto_budget_s")
+        return {name: getattr(self, name) for name in keep}
 
 
 @dataclass
@@ -75,6 +130,14 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
     say = progress or Progress()
     started = time.monotonic()
     engines, load_errors = _load(plan, say)
+    try:
+        return _run(plan, engines, load_errors, history, say, started)
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def _run(plan, engines, load_errors, history, say, started) -> RunOutcome:
     versions: dict[str, str] = {}
     for engine in engines:
         versions.update(engine.versions())
@@ -86,8 +149,7 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
             "engines": [e.name for e in engines],
             "model": plan.model,
             "workloads": [w.name for w in plan.workloads],
-            "trials": plan.trials,
-            "warmup": plan.warmup,
+            **plan.design(),
         },
     )
     outcome = RunOutcome(run_id, errors=load_errors)
@@ -100,53 +162,58 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None) -> Ru
                           {"bandwidth_gbs": bandwidth / 1e9}, {})
         say(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
 
+    rng = random.Random(plan.order_seed) if plan.order_seed is not None else None
+
     def out_of_time() -> bool:
         return plan.time_budget_s is not None and time.monotonic() - started > plan.time_budget_s
 
     for index, workload in enumerate(plan.workloads, 1):
         active = []
         for engine in engines:
-            if engine.supports(workload.kind):
+            reason = engine.unsupported(workload.kind)
+            if reason is None:
                 active.append(engine)
             else:
                 outcome.skipped.append((engine.name, workload.name))
-                say(f"[{workload.name}] {engine.name}: unsupported, skipped")
-        for round_ in range(plan.warmup):
-            for engine in list(active):
-                if not _attempt(engine, workload, outcome, say, f"warm-up {round_ + 1}"):
-                    active.remove(engine)
-        for trial in range(1, plan.trials + 1):
+                say(f"[{workload.name}] {engine.name}: unsupported, skipped ({reason})")
+        _warm_up(plan, workload, active, outcome, say)
+        load = LoadTracker()
+        collected: dict[str, dict[int, float]] = {engine.name: {} for engine in active}
+        workload_started, trial = time.monotonic(), 0
+        while active and _wants_more(plan, trial, collected, workload_started):
             if out_of_time():
                 outcome.out_of_time = True
                 say(f"time budget of {plan.time_budget_s:.0f}s spent; stopping")
                 history.finish_run(run_id)
                 return outcome
-            for engine in list(active):
-                values = _attempt(engine, workload, outcome, say, f"trial {trial}")
-                if values is None:
-                    active.remove(engine)
-                    continue
+            trial += 1
+            order = rng.sample(active, len(active)) if rng else list(active)
+            block = _block(plan, workload, order, load, outcome, say, trial)
+            for position, (engine, values, facts) in enumerate(block):
                 history.add_trial(
                     run_id, trial, engine.name, plan.model, workload.name, values,
-                    {"workload": workload.settings(), "engine": engine.settings()},
+                    {"workload": workload.settings(), "engine": engine.settings(),
+                     "trial": {**facts, "position": position}},
                 )
+                collected[engine.name][trial] = next(iter(values.values()))
+                total = "auto" if plan.auto else plan.trials
                 say(f"[{index}/{len(plan.workloads)} {workload.name}] trial "
-                    f"{trial}/{plan.trials} {engine.name}: {_format(values)}")
+                    f"{trial}/{total} {engine.name}: {_format(values)}")
+            active = [engine for engine in active if any(e is engine for e, _, _ in block)]
     history.finish_run(run_id)
     return outcome
 
 
-def _load(plan: RunPlan, say) -> tuple[list[BenchEngine], dict[tuple[str, str], str]]:
+def _load(plan: RunPlan, say) -> tuple[list[TimedEngine], dict[tuple[str, str], str]]:
     """Load every engine; one that cannot load is reported and left out of the run."""
     loaded, errors = [], {}
     for engine in plan.engines:
         say(f"loading {engine.name} ({plan.model}) ...")
         try:
             engine.load()
-        except ImportError as error:
-            hint = INSTALL_HINTS.get(engine.name, "install it")
-            errors[(engine.name, "load")] = f"not installed ({error}); {hint}"
-            say(f"{engine.name} is not installed, skipped: {hint}")
+        except EngineUnavailable as error:  # not installed, bad option, model missing
+            errors[(engine.name, "load")] = str(error)
+            say(f"{engine.name} is unavailable, skipped: {error}")
             continue
         except Exception as error:  # noqa: BLE001 - report it, run the other engines
             errors[(engine.name, "load")] = "".join(traceback.format_exception(error)[-3:])
@@ -163,8 +230,173 @@ def _attempt(engine, workload, outcome, say, what) -> dict[str, float] | None:
     """One measurement; an engine that fails is reported and dropped from the workload."""
     try:
         return workload.measure(engine)
+    except Unsupported as error:  # the engine cannot express this workload's requests
+        outcome.skipped.append((engine.name, workload.name))
+        say(f"[{workload.name}] {engine.name}: unsupported, skipped ({error})")
+        return None
     except Exception as error:  # noqa: BLE001 - one failing engine must not end the run
         tail = "".join(traceback.format_exception(error)[-3:]).strip()
         outcome.errors[(engine.name, workload.name)] = tail
         say(f"[{workload.name}] {engine.name} failed in {what}: {error!r}")
         return None
+
+
+# --- the machine's state around a trial -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuCounters:
+    """Seconds of CPU time since boot, summed over cores, from ``/proc/stat``."""
+
+    busy: float  # user, nice, system, irq, softirq
+    steal: float  # wanted to run, but the hypervisor ran another guest
+    total: float
+
+    @classmethod
+    def read(cls, path: Path = Path("/proc/stat")) -> CpuCounters | None:
+        """The counters now, or None where there is no ``/proc/stat`` (not Linux)."""
+        try:
+            fields = path.read_text().splitlines()[0].split()
+        except OSError:
+            return None
+        # cpu user nice system idle iowait irq softirq steal [guest guest_nice]
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = user + nice + system + irq + softirq
+        return cls(busy / tick, steal / tick, (busy + idle + iowait + steal) / tick)
+
+
+def trial_facts(
+    wall_s: float, cpu_s: float, before: CpuCounters | None, after: CpuCounters | None
+) -> dict[str, float | None]:
+    """What a trial cost and what the machine did meanwhile.
+
+    ``steal``: the share of all CPU time the hypervisor took for other guests;
+    ``foreign_cores``: cores kept busy by other processes (everything busy, minus this
+    process's CPU time), on average over the trial.
+    """
+    facts: dict[str, float | None] = {"wall_s": wall_s, "cpu_s": cpu_s, "steal": None,
+                                      "foreign_cores": None}
+    if before and after and after.total > before.total and wall_s > 0:
+        facts["steal"] = (after.steal - before.steal) / (after.total - before.total)
+        facts["foreign_cores"] = max(0.0, (after.busy - before.busy - cpu_s) / wall_s)
+    return facts
+
+
+# /proc/stat counts in ticks of 10 ms: over a shorter trial one tick more or less reads
+# as a large share, so shorter trials are recorded but not judged.
+MIN_JUDGED_S = 0.2
+
+
+class LoadTracker:
+    """The running median of other processes' load during a workload's trials."""
+
+    def __init__(self) -> None:
+        self.loads: list[float] = []
+
+    def disturbance(self, facts: dict, plan: RunPlan) -> str | None:
+        """Why the trial with ``facts`` was disturbed, or None; records its load."""
+        steal, load = facts["steal"], facts["foreign_cores"]
+        if facts["wall_s"] < MIN_JUDGED_S:
+            return None
+        if steal is not None and steal > plan.max_steal:
+            return f"{steal:.0%} of CPU time stolen by the hypervisor"
+        if load is None:
+            return None
+        typical = median(self.loads) if self.loads else load
+        self.loads.append(load)
+        if abs(load - typical) > plan.max_load_change:
+            return f"other processes' load {load:.1f} cores, typically {typical:.1f}"
+        return None
+
+
+# Where the machine's counters come from (a test may script them).
+read_counters: Callable[[], CpuCounters | None] = CpuCounters.read
+
+
+def _timed(engine, workload, outcome, say, what) -> tuple[dict[str, float], dict] | None:
+    """One measurement with its wall and CPU time and the machine's state around it."""
+    before, wall, cpu = read_counters(), time.perf_counter(), time.process_time()
+    values = _attempt(engine, workload, outcome, say, what)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if values is None:
+        return None
+    # CPU time of this process: an engine in another process (cmd:) is not counted.
+    return {**values, "wall_s": wall, "cpu_s": cpu}, trial_facts(wall, cpu, before,
+                                                                 read_counters())
+
+
+def _warm_up(plan: RunPlan, workload, active: list, outcome, say) -> None:
+    """``warmup`` rounds, then more (up to ``max_warmup``) while the first metric moves."""
+    last: dict[str, float] = {}
+    rounds = plan.max_warmup if plan.max_warmup is not None else plan.warmup
+    for round_ in range(rounds):
+        moving = False
+        for engine in list(active):
+            values = _attempt(engine, workload, outcome, say, f"warm-up {round_ + 1}")
+            if values is None:
+                active.remove(engine)
+                continue
+            first = next(iter(values.values()))
+            previous = last.get(engine.name)
+            moving |= previous is None or abs(first / previous - 1) > plan.stable_within
+            last[engine.name] = first
+        if round_ + 1 >= plan.warmup and not moving:
+            return
+
+
+def _block(plan: RunPlan, workload, order: list, load: LoadTracker, outcome, say, trial: int):
+    """One trial per engine in ``order``; the whole block again when one was disturbed.
+
+    Returns ``[(engine, values, facts)]`` for the engines that did not fail.
+    """
+    for attempt in range(plan.max_repeats + 1):
+        block, reasons = [], []
+        for engine in order:
+            measured = _timed(engine, workload, outcome, say, f"trial {trial}")
+            if measured is None:
+                continue  # the engine failed and is reported; the others go on
+            values, facts = measured
+            reason = load.disturbance(facts, plan)
+            if reason:
+                reasons.append(f"{engine.name}: {reason}")
+            block.append((engine, values, {**facts, "repeats": attempt,
+                                           "disturbed": reason}))
+        if not reasons:
+            return block
+        if attempt < plan.max_repeats:
+            say(f"[{workload.name}] block {trial} disturbed ({'; '.join(reasons)}); repeating")
+        order = [engine for engine, _, _ in block]
+    return block  # still disturbed after every repeat: kept, and marked as such
+
+
+def _wants_more(plan: RunPlan, done: int, collected: dict[str, dict[int, float]],
+                started: float) -> bool:
+    """Whether another block is due: a fixed count, or (auto) until intervals are narrow."""
+    if not plan.auto:
+        return done < plan.trials
+    if done < plan.min_trials:
+        return True
+    if done >= plan.max_trials or time.monotonic() - started > plan.auto_budget_s:
+        return False
+    return max(interval_widths(collected).values(), default=0.0) > plan.target_width
+
+
+def interval_widths(collected: dict[str, dict[int, float]]) -> dict[str, float]:
+    """Relative width of each engine's 95% interval: paired against the first engine
+    (the comparison ``compare --ab`` makes), or of its median when it runs alone."""
+    names = list(collected)
+    if len(names) == 1:
+        values = list(collected[names[0]].values())
+        low, high = median_interval(values)
+        return {names[0]: (high - low) / abs(median(values)) if values else float("inf")}
+    base, widths = collected[names[0]], {}
+    for name in names[1:]:
+        trials = sorted(set(base) & set(collected[name]))
+        if len(trials) < 2 or any(base[t] <= 0 or collected[name][t] <= 0 for t in trials):
+            widths[name] = float("inf")
+            continue
+        interval, _ = shift_interval([base[t] for t in trials],
+                                     [collected[name][t] for t in trials], 0.05, paired=True)
+        widths[name] = interval.high - interval.low
+    return widths

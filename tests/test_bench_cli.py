@@ -69,7 +69,10 @@ def test_compare_exits_nonzero_on_a_regression_and_zero_otherwise(db, capsys):
     capsys.readouterr()
     assert bench("compare", "--db", db) == 1  # previous vs latest
     out = capsys.readouterr().out
-    assert "REGRESSED" in out and "decode_tps" in out and "1 regressed" in out
+    # decode_tps, and with it the trial's wall time and CPU time; peak memory unchanged.
+    assert "REGRESSED" in out and "decode_tps" in out and "3 regressed" in out
+    assert re.search(r"decode_tps .* REGRESSED +slower by", out)
+    assert re.search(r"cpu_s .* REGRESSED", out) and re.search(r"wall_s .* REGRESSED", out)
     assert bench("compare", 2, 1, "--db", db) == 0  # the other way round: improved
     assert "improved" in capsys.readouterr().out
     assert bench("compare", 1, 1, "--db", db) == 0
@@ -204,7 +207,7 @@ def test_a_model_no_engine_can_load_is_a_clear_error(db, capsys):
 def test_ab_compare_within_one_run_reports_the_effect_with_its_interval(db, capsys):
     engines = f"{FAST}:name=a,{FAST}:slowdown=1.0:name=b"  # b's decode steps twice as long
     assert bench("--engines", engines, "--model", "synthetic", "--workloads", "decode-16",
-                 "--trials", 6, "--no-bandwidth", "--db", db) == 0
+                 "--trials", 12, "--no-bandwidth", "--db", db) == 0
     capsys.readouterr()
     assert bench("compare", "--ab", "a,b", "--db", db) == 1
     out = capsys.readouterr().out
