@@ -204,12 +204,9 @@ class RotatingKVCache(StoredKeys):
 
     @property
     def meta_state(self) -> dict[str, Any]:
-        return {
-            "offset": self.offset,
-            "max_size": self.max_size,
-            "keep": self.keep,
-            "slack": self.slack,
-        }
+        meta = {"offset": self.offset, "max_size": self.max_size, "keep": self.keep}
+        # Only speculative decoding's caches have slack; others save as they always did.
+        return meta | ({"slack": self.slack} if self.slack else {})
 
 
 CACHE_CLASSES = {cls.__name__: cls for cls in (KVCache, RotatingKVCache)}
