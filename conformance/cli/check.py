@@ -229,13 +229,14 @@ def open_snapshots(against: str, cases: dict[str, list], explicit_models: bool) 
 
 def check_engines(specs: list[str] | None) -> list[str]:
     """Engines asked for by name must all be usable; the default skips missing peers."""
-    from engines.registry import EngineUnavailable, engine_class, installed_peers
+    from engines import registry
+    from engines.registry import EngineUnavailable, engine_class, installed_peers, parse_spec
 
     if specs is None:
         return ["reference", *installed_peers()]
     for spec in specs:
         try:
-            engine_class(spec)
+            registry._check_options(engine_class(spec), parse_spec(spec))  # options too, now
         except EngineUnavailable as error:
             raise InputError(f"--engine {spec}: {error}") from None
     return list(dict.fromkeys(specs))
