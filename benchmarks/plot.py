@@ -2,8 +2,11 @@
 
 The PNG is meant to be dropped into a pull request, so it stands on its own: one
 panel per workload that has the metric, the x axis lists runs in order (commit,
-``+`` when the tree was dirty, "interrupted" for a killed run), each point is the run's median with its
-interquartile range as an error bar. The Markdown summary has the same numbers
+``+`` when the tree was dirty, "interrupted" for a killed run), each point is the
+run's median, and a shaded band per engine is the 95% confidence interval of that
+median (distribution-free, from order statistics; a run with too few samples for a
+95% interval, under 6, shows the range of its samples instead). Two runs whose bands
+do not overlap differ by more than noise. The Markdown summary has the same numbers
 as a table, plus each engine's change from the previous run to the latest.
 """
 
@@ -16,6 +19,7 @@ from statistics import median, quantiles
 
 from benchmarks.history import History
 from benchmarks.report import Table, fmt
+from benchmarks.stats import median_interval
 from benchmarks.workloads import metric as metric_info
 
 
@@ -28,6 +32,8 @@ class Point:
     q1: float
     q3: float
     n: int
+    ci_low: float  # the median's 95% interval (the samples' range when n is too small)
+    ci_high: float
 
 
 def history_series(
@@ -55,13 +61,25 @@ def history_series(
         q1, _, q3 = quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
         run = runs[run_id]
         label = f"{run.revision.label}\n#{run_id}" + ("\ninterrupted" if run.interrupted else "")
+        low, high = median_interval(values)
+        if low == float("-inf"):  # too few samples for a 95% interval: their range
+            low, high = min(values), max(values)
         series[workload_][line].append(
-            Point(run_id, label, model_, median(values), q1, q3, len(values)))
+            Point(run_id, label, model_, median(values), q1, q3, len(values), low, high))
     return {w: dict(e) for w, e in series.items()}
 
 
 def plot_history(series: dict[str, dict[str, list[Point]]], metric: str, out: str | Path) -> Path:
     """Draw ``series`` (from ``history_series``) into the PNG file ``out``."""
+    figure = draw_history(series, metric)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+def draw_history(series: dict[str, dict[str, list[Point]]], metric: str):
+    """The figure of ``plot_history``: a panel per workload, a line and band per engine."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     if not series:
@@ -79,20 +97,17 @@ def plot_history(series: dict[str, dict[str, list[Point]]], metric: str, out: st
     for ax, (workload, engines) in zip(axes, sorted(series.items())):
         for engine, points in sorted(engines.items()):
             xs = [position[p.run_id] for p in points]
-            ys = [p.median for p in points]
-            errors = [[p.median - p.q1 for p in points], [p.q3 - p.median for p in points]]
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=engine)
+            (line,) = ax.plot(xs, [p.median for p in points], marker="o", label=engine)
+            ax.fill_between(xs, [p.ci_low for p in points], [p.ci_high for p in points],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
         models = sorted({p.model for points in engines.values() for p in points})
-        ax.set_title(f"{workload}: {metric} ({', '.join(models)})")
+        ax.set_title(f"{workload}: {metric} ({', '.join(models)}); bands: 95% CI of the median")
         ax.set_ylabel(f"{info.unit} ({'higher' if info.higher_is_better else 'lower'} is better)")
         ax.set_xticks(range(len(order)), [run_labels[r] for r in order], fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    return figure
 
 
 def markdown_summary(
@@ -109,12 +124,13 @@ def markdown_summary(
         runs: dict[int, str] = {}
         for points in engines.values():
             runs.update({p.run_id: p.label.replace("\n", " ") for p in points})
-        table = Table(["run"] + names)
+        table = Table(["run"] + names)  # cells: median [95% interval] (n)
         for run_id in sorted(runs):
             cells = []
             for engine in names:
                 point = next((p for p in engines[engine] if p.run_id == run_id), None)
-                cells.append(f"{fmt(point.median)} (n={point.n})" if point else "-")
+                cells.append(f"{fmt(point.median)} [{fmt(point.ci_low)}, {fmt(point.ci_high)}] "
+                             f"(n={point.n})" if point else "-")
             table.rows.append([runs[run_id], *cells])
         parts += [f"### {workload}", table.markdown()]
         changes = []

@@ -237,3 +237,22 @@ def test_show_exports_json_and_csv_with_the_median_interval(db, capsys):
     assert bench("show", "--format", "csv", "--db", db) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.split(",")[:5] == ["workload", "metric", "engine", "unit", "median"]
+
+
+def test_the_plot_shades_each_runs_95_percent_interval_of_the_median(db):
+    from benchmarks.plot import draw_history, history_series
+    from benchmarks.stats import median_interval
+
+    with History(db) as store:
+        for values in ([100.0 + i for i in range(10)], [90.0, 91.0, 92.0]):
+            run_id = store.start_run(Revision(None, False), fingerprint.collect(), {})
+            for trial, value in enumerate(values, 1):
+                store.add_trial(run_id, trial, "e", "m", "w", {"decode_tps": value}, {})
+        series = history_series(store, "decode_tps")
+    first, second = series["w"]["e"]
+    assert (first.ci_low, first.ci_high) == median_interval([100.0 + i for i in range(10)])
+    assert (second.ci_low, second.ci_high) == (90.0, 92.0)  # 3 samples: their range
+    (axes,) = draw_history(series, "decode_tps").axes
+    (band,) = axes.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == 90.0 and max(ys) == first.ci_high
