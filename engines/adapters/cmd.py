@@ -6,6 +6,10 @@ This adapter starts it, reads its ``hello`` (capabilities, model formats),
 hands it the model in the first format it accepts, and then turns each
 request into messages and the answers back into events.
 
+An engine declaring the ``timing/1`` extension stamps each event with its own
+clock and follows each generation with a ``usage`` message; the adapter keeps
+them as ``last_times`` (``EngineTimes``) for the benchmarks.
+
 An external engine may misbehave in every way, so every wait has a deadline
 (``start_timeout`` for the hello and the model load, ``request_timeout`` per
 request, ``total_timeout`` for the engine's whole run) and every answer is
@@ -42,6 +46,8 @@ from typing import Any
 from engines.adapters.base import Engine
 from engines.adapters.line_process import EngineCrashed, EngineFailure, EngineHung, LineProcess
 from engines.jsonl_protocol import (
+    TIMING,
+    EngineTimes,
     Error,
     Hello,
     Load,
@@ -134,6 +140,8 @@ class CmdEngine(Engine):
         self._last_start_error: Exception | None = None
         self.hello: Hello | None = None
         self._vocab_size = 0
+        self.timed = False  # the engine speaks timing/1
+        self.last_times: EngineTimes | None = None  # its clock readings of the last request
         self._last_request: str | None = None  # the latest request sent to the live process
         self._start()  # an engine that cannot start cannot be opened
 
@@ -147,11 +155,13 @@ class CmdEngine(Engine):
         deadline = self._request_deadline()
         process, request_id = self._send(request, deadline)
         finished = False
+        event_t: list[float] = []
         try:
             for step in itertools.count():
                 message = self._receive(process, request_id, "event", deadline)
                 event = message.body
                 self._check_event(process, event, step, request_id)
+                event_t.append(self._event_time(process, message, request_id))
                 if step >= request.max_tokens:
                     raise self._violation(
                         process,
@@ -159,6 +169,7 @@ class CmdEngine(Engine):
                         f"{request.max_tokens} events (no finish_reason)",
                     )
                 if event.finish_reason is not None:
+                    self._read_usage(process, request_id, deadline, event_t)
                     self._check_quiet(process, request_id, wait=0.0)
                     finished = True
                     yield event
@@ -172,12 +183,20 @@ class CmdEngine(Engine):
                 self._discard()
 
     def generate_batch(self, request: BatchRequest) -> list[list[TokenEvent]]:
+        rows: list[list[TokenEvent]] = [[] for _ in request.rows]
+        for row, event in self.stream_batch(request):
+            rows[row].append(event)
+        return rows
+
+    def stream_batch(self, request: BatchRequest) -> Iterator[tuple[int, TokenEvent]]:
+        """(row index, event) pairs of a batch, each as it arrives."""
         if "batch" not in self.capabilities:
             raise Unsupported(f"{self.name} does not batch")
         deadline = self._request_deadline()
         process, request_id = self._send(request, deadline)
         rows: list[list[TokenEvent]] = [[] for _ in request.rows]
         open_rows = set(range(len(rows)))
+        event_t: list[float] = []
         try:
             while open_rows:
                 message = self._receive(process, request_id, "event", deadline)
@@ -189,6 +208,7 @@ class CmdEngine(Engine):
                     )
                 event = message.body
                 self._check_event(process, event, len(rows[row]), request_id)
+                event_t.append(self._event_time(process, message, request_id))
                 rows[row].append(event)
                 if event.finish_reason is not None:
                     open_rows.discard(row)
@@ -198,13 +218,15 @@ class CmdEngine(Engine):
                         f"request {request_id}: row {row} reached max_tokens "
                         "without a finish_reason",
                     )
-            self._check_quiet(process, request_id, wait=0.0)
+                if not open_rows:
+                    self._read_usage(process, request_id, deadline, event_t)
+                    self._check_quiet(process, request_id, wait=0.0)
+                yield row, event
         except (Unsupported, EngineError):
             raise  # the engine ended the request with an error: still in step
         except BaseException:
             self._discard()
             raise
-        return rows
 
     def score(self, request: ScoreRequest) -> list[TokenEvent]:
         if "score" not in self.capabilities:
@@ -273,6 +295,7 @@ class CmdEngine(Engine):
             process.kill()
             raise
         self.hello, self._vocab_size, self._process = hello, loaded.vocab_size, process
+        self.timed = TIMING in hello.extensions
         self._drafts = set()
         self._last_request = None
 
@@ -389,6 +412,27 @@ class CmdEngine(Engine):
                 process,
                 f"the engine wrote after request {request_id} had finished: {line[:200]!r}",
             )
+
+    def _event_time(self, process: LineProcess, message: Message, request_id: str) -> float:
+        """timing/1: the engine's clock at this event (every event has one, or none does)."""
+        if self.timed and message.t is None:
+            raise self._violation(
+                process, f"request {request_id}: an event without `t` (the engine declared "
+                f"{TIMING})"
+            )
+        if not self.timed and message.t is not None:
+            raise self._violation(
+                process, f"request {request_id}: an event with `t`, but the hello did not "
+                f"declare {TIMING}"
+            )
+        return message.t or 0.0
+
+    def _read_usage(self, process, request_id: str, deadline: float, event_t) -> None:
+        """timing/1: the ``usage`` message that follows a generation's last event."""
+        self.last_times = None
+        if self.timed:
+            usage = self._receive(process, request_id, "usage", deadline).body
+            self.last_times = EngineTimes(list(event_t), usage)
 
     def _request_deadline(self) -> float:
         now = time.monotonic()

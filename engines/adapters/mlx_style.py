@@ -117,6 +117,16 @@ class MlxStyleEngine(Engine):
             self.remember_cache(request, kwargs["prompt_cache"], generated)
 
     def generate_batch(self, request: BatchRequest) -> list[list[TokenEvent]]:
+        outputs: list[list[TokenEvent]] = [[] for _ in request.rows]
+        for row, event in self.stream_batch(request):
+            outputs[row].append(event)
+        return outputs
+
+    def stream_batch(self, request: BatchRequest) -> Iterator[tuple[int, TokenEvent]]:
+        """(row index, event) pairs, each as soon as the batch step producing it is done.
+
+        Text is not streamed: a row's last event carries the row's whole text.
+        """
         if not hasattr(self.api, "BatchGenerator"):
             raise Unsupported(f"{self.name} has no BatchGenerator")
         rows = [row.request for row in request.rows]
@@ -138,7 +148,7 @@ class MlxStyleEngine(Engine):
         prompts, caches, held = zip(*(self.batch_row_prompt(r) for r in rows))
         stops = self.batch_stops(rows, ends)
         generator = self.api.BatchGenerator(self.model, stop_tokens=[[t] for t in ends], **options)
-        outputs: list[list[TokenEvent]] = [[] for _ in rows]
+        tokens: list[list[int]] = [[] for _ in rows]
         waiting = sorted(range(len(rows)), key=lambda i: request.rows[i].insert_at)
         row_of_uid: dict[int, int] = {}
         finished = 0
@@ -168,22 +178,22 @@ class MlxStyleEngine(Engine):
                     )
                 for response in responses:
                     i = row_of_uid[response.uid]
-                    outputs[i].append(
-                        event_from_logprobs(
-                            response.token,
-                            np.array(response.logprobs.astype(mx.float32)),
-                            self.vocab_size,
-                            rows[i].top_logprobs,
-                            finish_reason=response.finish_reason,
-                        )
+                    event = event_from_logprobs(
+                        response.token,
+                        np.array(response.logprobs.astype(mx.float32)),
+                        self.vocab_size,
+                        rows[i].top_logprobs,
+                        finish_reason=response.finish_reason,
                     )
-                    finished += response.finish_reason is not None
+                    tokens[i].append(event.token)
+                    if event.finish_reason is not None:
+                        finished += 1
+                        ends_of_row = set(ends) | set(rows[i].stop_tokens)
+                        event.text = self.final_text(tokens[i], event.finish_reason, ends_of_row)
+                    yield i, event
                 step += 1
         finally:
             generator.close()
-        for row, events in zip(rows, outputs):
-            self.attach_final_text(events, set(ends) | set(row.stop_tokens))
-        return outputs
 
     def score(self, request: ScoreRequest) -> list[TokenEvent]:
         tokens = list(request.prompt) + list(request.continuation)
@@ -351,12 +361,15 @@ class MlxStyleEngine(Engine):
 
     def attach_final_text(self, events: list[TokenEvent], ends: set[int]) -> None:
         """Non-streaming answers carry all their text on the last event."""
-        if not events:
-            return
-        tokens = [e.token for e in events]
-        if events[-1].finish_reason == "stop" and tokens[-1] in ends:
+        if events:
+            tokens = [e.token for e in events]
+            events[-1].text = self.final_text(tokens, events[-1].finish_reason, ends)
+
+    def final_text(self, tokens: list[int], finish: str | None, ends: set[int]) -> str:
+        """The text of a whole answer: its tokens decoded, less a final end token."""
+        if finish == "stop" and tokens[-1] in ends:
             tokens = tokens[:-1]
-        events[-1].text = self.tokenizer.decode(tokens)
+        return self.tokenizer.decode(tokens)
 
     # -- prompt cache reuse -------------------------------------------------------
 
