@@ -20,7 +20,8 @@ A verdict answers three questions, in this order:
    effect (default 2%): with enough samples an interval excludes a 0.3% drift caused
    by a warmer room, and nobody should be paged for that.
 
-The Mann-Whitney / Wilcoxon p-value is kept next to the interval for readers used to it.
+The Mann-Whitney / Wilcoxon p-value is kept next to the interval for readers used to it
+(same normal approximation; no SciPy, whose import takes seconds on a busy machine).
 """
 
 from __future__ import annotations
@@ -132,15 +133,40 @@ class Verdict:
         return self.low > 0 or self.high < 0
 
 
-def _p_value(base: list[float], head: list[float], paired: bool) -> float:
-    from scipy.stats import mannwhitneyu, wilcoxon  # here: scipy.stats takes 0.5 s to import
+def average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks 1..n of ``values`` (ties share their average rank), and the tie group sizes."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)  # the highest rank in each tie group
+    return (upper - (counts - 1) / 2)[inverse], counts
 
+
+def _two_sided(z: float) -> float:
+    return 2 * (1 - NormalDist().cdf(abs(z)))
+
+
+def rank_test_p(base: list[float], head: list[float], paired: bool) -> float:
+    """Two-sided p-value of the rank test the interval inverts, by the same normal
+    approximation (with tie and continuity corrections): Mann-Whitney U unpaired, the
+    Wilcoxon signed-rank statistic paired (zero differences dropped)."""
     if paired:
-        differences = [h - b for b, h in zip(base, head)]
-        if not any(differences):
+        differences = np.asarray(head, dtype=float) - np.asarray(base, dtype=float)
+        differences = differences[differences != 0]
+        n = len(differences)
+        if n == 0:
             return 1.0
-        return float(wilcoxon(base, head).pvalue)
-    return float(mannwhitneyu(base, head, alternative="two-sided").pvalue)
+        ranks, ties = average_ranks(np.abs(differences))
+        statistic, mean = float(ranks[differences > 0].sum()), n * (n + 1) / 4
+        variance = n * (n + 1) * (2 * n + 1) / 24 - float((ties**3 - ties).sum()) / 48
+    else:
+        m, n = len(base), len(head)
+        ranks, ties = average_ranks(np.asarray([*base, *head], dtype=float))
+        statistic = float(ranks[m:].sum()) - n * (n + 1) / 2  # U of head over base
+        mean, total = m * n / 2, m + n
+        variance = m * n / 12 * (total + 1 - float((ties**3 - ties).sum()) / (total * (total - 1)))
+    if variance <= 0:
+        return 1.0
+    distance = max(abs(statistic - mean) - 0.5, 0.0)  # continuity correction
+    return _two_sided(distance / math.sqrt(variance))
 
 
 def shift_interval(
@@ -207,7 +233,7 @@ def compare_samples(
 
     interval, _ = shift_interval(base, head, alpha, paired)
     change, low, high = interval.relative()
-    verdict = Verdict(UNCHANGED, change=change, p_value=_p_value(base, head, paired), low=low,
+    verdict = Verdict(UNCHANGED, change=change, p_value=rank_test_p(base, head, paired), low=low,
                       high=high, mde=minimum_detectable_effect(interval, alpha), **common)
     if math.isinf(verdict.mde):
         return replace(verdict, note=f"too few samples for a {1 - alpha:.4g} interval")

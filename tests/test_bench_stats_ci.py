@@ -129,3 +129,20 @@ def test_median_interval_covers_the_median_about_95_times_in_100():
     assert 0.96 <= hits / 400 <= 1.0
     assert sorted(median_interval(list(range(1, 26)))) == [7, 19]
     assert median_interval([1.0, 2.0]) == (-math.inf, math.inf)
+
+
+def test_rank_test_p_values_agree_with_scipys_normal_approximation():
+    from scipy.stats import mannwhitneyu, wilcoxon
+
+    from benchmarks.stats import rank_test_p
+
+    rng = np.random.default_rng(9)
+    for _ in range(5):
+        base, head = list(rng.normal(0, 1, 15)), list(rng.normal(0.5, 1, 15))
+        assert rank_test_p(base, head, paired=False) == pytest.approx(
+            mannwhitneyu(base, head, method="asymptotic").pvalue, rel=1e-9)
+        assert rank_test_p(base, head, paired=True) == pytest.approx(
+            wilcoxon(base, head, method="approx", correction=True).pvalue, rel=1e-9)
+    tied_base, tied_head = [1, 2, 2, 3, 3, 3, 4], [2, 3, 3, 4, 4, 5, 5]
+    assert rank_test_p(tied_base, tied_head, paired=False) == pytest.approx(
+        mannwhitneyu(tied_base, tied_head, method="asymptotic").pvalue, rel=1e-9)

@@ -170,3 +170,22 @@ def test_auto_trials_and_design_options_are_validated():
         plan([engine], trials="many")
     with pytest.raises(ValueError, match="max_warmup"):
         plan([engine], warmup=3, max_warmup=1)
+
+
+def test_a_power_comparison_detects_a_large_slowdown_and_is_tabulated(tmp_path):
+    from benchmarks import power
+    from benchmarks.workloads import Workload
+
+    workload = Workload("decode-8", "decode", prompt_tokens=4, new_tokens=8)
+    with History(tmp_path / "h.sqlite") as history:
+        slowed = power.one_comparison("synthetic:step_ms=0.5", "synthetic", workload, 0.5,
+                                      seed=0, history=history, budget_s=1.0,
+                                      target_width=0.05, min_effect=0.02)
+    # Each decode step burns 50% more CPU: the trial's CPU time grows by about half.
+    assert slowed.judged["cpu_s"].detected
+    assert 0.3 < slowed.judged["cpu_s"].change < 0.7 and slowed.blocks >= 6
+    quiet = power.Trial(0.0, {name: power.Judged(False, 0.001, -0.01, 0.012)
+                              for name in power.METRICS}, 8, 3.0)
+    rows = {row[0]: row for row in power.power_table([slowed, quiet]).rows}
+    assert rows["50%"][4] == "1/1 (100%)" and rows["0%"][1] == "0/1 (0%)"
+    assert rows["0%"][3] == "2.2%"  # the interval's width, 0.012 - (-0.01)
