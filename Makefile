@@ -30,4 +30,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check reference engines conformance benchmarks lmconform tests
 
-.PHONY: install run test lint
+# Mutation testing (benchmarks/mutation.py, mutmut): every module of its MODULE_TESTS
+# (about an hour), or one: `make mutation MODULE=conformance/comparator.py`. Scores go to
+# the bench history (`lmconform bench show`); survivors' diffs to .mutation/<module>/.
+# `make mutation-changed` checks the modules a change touched (BASE, default HEAD~1),
+# within 10 minutes.
+MODULE ?=
+BASE ?= HEAD~1
+mutation: $(STAMP)
+	$(BIN)/python -m benchmarks.mutation $(MODULE)
+
+mutation-changed: $(STAMP)
+	$(BIN)/python -m benchmarks.mutation --changed $(BASE) --budget 600
+
+.PHONY: install run test lint mutation mutation-changed
