@@ -60,7 +60,8 @@ class NothingInCommon(ValueError):
 def meaning(key: Key, verdict: Verdict) -> str:
     """``describe`` for the metric of ``key`` (its direction and whether it is a speed)."""
     info = metric(key[3])
-    return describe(verdict, info.higher_is_better, speed=info.unit in SPEED_UNITS)
+    speed = info.unit in SPEED_UNITS or key[3].endswith("_s")  # cpu_s, wall_s: seconds
+    return describe(verdict, info.higher_is_better, speed=speed)
 
 
 @dataclass
