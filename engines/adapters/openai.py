@@ -439,6 +439,7 @@ class OpenAIEngine(Engine):
         chat: str = "0",
         timeout: str = str(DEFAULT_TIMEOUT_S),
         token_ids: str = "1",
+        top_logprobs: str = "1",
     ):
         super().__init__(source)
         from transformers import AutoTokenizer
@@ -447,6 +448,9 @@ class OpenAIEngine(Engine):
         self.served_model = model
         self.use_chat = _flag("chat", chat)
         self.ask_token_ids = _flag("token_ids", token_ids)
+        # top_logprobs=0: never ask for top entries (mlx_lm.server 0.32.2 then misnames the
+        # chosen token), so the engine does not declare "logprobs".
+        self.ask_top = _flag("top_logprobs", top_logprobs)
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -464,6 +468,10 @@ class OpenAIEngine(Engine):
         caps |= {"stream"} if self.probe.stream else set()
         caps |= {"score"} if self.probe.echo else set()
         self.capabilities = frozenset(caps)
+
+    @property
+    def probe_top(self) -> int:
+        return PROBE_TOP if self.ask_top else 0
 
     @property
     def vocab_size(self) -> int:
@@ -495,7 +503,7 @@ class OpenAIEngine(Engine):
         for token_prompts in (True, False):
             for style in LOGPROB_STYLES:
                 probe = Probe(token_prompts=token_prompts, logprob_style=style)
-                body = self.body(probe, prompt, max_tokens=2, top=PROBE_TOP)
+                body = self.body(probe, prompt, max_tokens=2, top=self.probe_top)
                 try:
                     answer = self.client.post("/completions", body)
                     infos = read_logprobs(choice_of(answer).get("logprobs"), self.vocabulary)
@@ -510,7 +518,7 @@ class OpenAIEngine(Engine):
                         "the server returns no logprobs, so the tokens it generates cannot be "
                         f"identified: {excerpt(json.dumps(answer))}"
                     )
-                probe.top_entries = all(len(i.top) >= 1 for i in infos)
+                probe.top_entries = self.ask_top and all(len(i.top) >= 1 for i in infos)
                 probe.stream = self.probe_stream(probe, prompt)
                 probe.echo = self.probe_echo(probe, prompt)
                 return probe
@@ -519,7 +527,7 @@ class OpenAIEngine(Engine):
         )
 
     def probe_stream(self, probe: Probe, prompt: list[int]) -> bool:
-        body = self.body(probe, prompt, max_tokens=2, top=PROBE_TOP) | {"stream": True}
+        body = self.body(probe, prompt, max_tokens=2, top=self.probe_top) | {"stream": True}
         try:
             chunks = list(self.client.post_stream("/completions", body))
             infos = [
@@ -532,7 +540,7 @@ class OpenAIEngine(Engine):
         return len(infos) == 2
 
     def probe_echo(self, probe: Probe, prompt: list[int]) -> bool:
-        body = self.body(probe, prompt, max_tokens=1, top=PROBE_TOP) | {"echo": True}
+        body = self.body(probe, prompt, max_tokens=1, top=self.probe_top) | {"echo": True}
         try:
             answer = self.client.post("/completions", body)
             infos = read_logprobs(choice_of(answer).get("logprobs"), self.vocabulary)
@@ -559,10 +567,11 @@ class OpenAIEngine(Engine):
         if self.served_model:
             body["model"] = self.served_model
         body["prompt"] = prompt if probe.token_prompts else self.tokenizer.decode(prompt)
+        # Logprobs are always asked for: they name the generated tokens.
         if probe.logprob_style == "count":
-            body["logprobs"] = max(top, 1)
+            body["logprobs"] = top
         else:
-            body |= {"logprobs": True, "top_logprobs": max(top, 1)}
+            body |= {"logprobs": True} | ({"top_logprobs": top} if top else {})
         if self.ask_token_ids:
             body["return_tokens_as_token_ids"] = True
         return body
@@ -590,7 +599,9 @@ class OpenAIEngine(Engine):
             path = "/chat/completions"
             del body["prompt"]
             body["messages"] = [{"role": "user", "content": message}]
-            body |= {"logprobs": True, "top_logprobs": max(request.top_logprobs, 1)}
+            body |= {"logprobs": True} | (
+                {"top_logprobs": request.top_logprobs} if request.top_logprobs else {}
+            )
         s = request.sampler
         body["temperature"] = float(s.temp)
         if 0 < s.top_p < 1:
