@@ -4,10 +4,11 @@ Where things live (one concept per module):
 
 - ``workloads.py``   what is measured: prefill, decode, batched decode, speculative
                      decoding, peak memory; the metric catalogue (units, direction)
-- ``engines.py``     timing adapters: MLX-API engines (``reference``, ``mlx_lm``),
-                     transformers on PyTorch, a synthetic engine for tests, and a
-                     wrapper that slows any engine down (to prove regressions are caught)
-- ``model_folders.py`` exported Hugging Face folders for the peer engines, cached
+- ``engines.py``     engines opened through ``engines.registry`` (any engine ``check``
+                     takes), with what timing needs: prompt tokenizer, end tokens to
+                     ban, memory meter and weight bytes; bench-only spec options
+- ``instruments.py`` test instruments: a synthetic engine of known costs and a
+                     slowdown of any engine (to prove regressions are caught)
 - ``memory.py``      peak-memory probes (MLX allocator, process RSS, tracemalloc)
 - ``roofline.py``    memory bandwidth measured on the spot; the decode roofline
 - ``fingerprint.py`` the machine fingerprint stored with every run

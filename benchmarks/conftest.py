@@ -15,10 +15,11 @@ from statistics import median
 import pytest
 
 from benchmarks import fingerprint
-from benchmarks.engines import INSTALL_HINTS, BenchEngine, make_engine, parse_spec
+from benchmarks.engines import TimedEngine, split_specs
 from benchmarks.workloads import Workload
+from engines.registry import EngineUnavailable
 
-_loaded: dict[tuple[str, str], BenchEngine] = {}
+_loaded: dict[tuple[str, str], TimedEngine] = {}
 
 
 def pytest_addoption(parser):
@@ -31,23 +32,23 @@ def pytest_addoption(parser):
 
 def pytest_generate_tests(metafunc):
     if "engine" in metafunc.fixturenames:
-        specs = [s for s in metafunc.config.getoption("bench_engines").split(",") if s]
+        specs = split_specs(metafunc.config.getoption("bench_engines"))
         metafunc.parametrize("engine", specs, indirect=True)
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", [metafunc.config.getoption("bench_model")])
 
 
 @pytest.fixture
-def engine(request, model) -> BenchEngine:
-    """The loaded engine (loaded once per session); a missing peer is a skip."""
+def engine(request, model) -> TimedEngine:
+    """The opened engine (opened once per session); one that cannot open is a skip
+    (a peer that is not installed, with the command that installs it)."""
     key = (request.param, model)
     if key not in _loaded:
-        candidate = make_engine(request.param, model)
+        candidate = TimedEngine.from_spec(request.param, model)
         try:
             candidate.load()
-        except ImportError as error:
-            hint = INSTALL_HINTS.get(parse_spec(request.param)[0], "")
-            pytest.skip(f"{request.param} is not available ({error}); {hint}")
+        except EngineUnavailable as error:
+            pytest.skip(f"{request.param} is not available: {error}")
         _loaded[key] = candidate
     return _loaded[key]
 
@@ -57,10 +58,11 @@ def rounds(request) -> int:
     return request.config.getoption("bench_rounds")
 
 
-def run_workload(benchmark, engine: BenchEngine, workload: Workload, rounds: int) -> dict:
+def run_workload(benchmark, engine: TimedEngine, workload: Workload, rounds: int) -> dict:
     """Time ``workload`` for ``rounds`` rounds after one warm-up; fill ``extra_info``."""
-    if not engine.supports(workload.kind):
-        pytest.skip(f"{engine.name} does not support {workload.kind}")
+    reason = engine.unsupported(workload.kind)
+    if reason is not None:
+        pytest.skip(reason)
     results: list[dict[str, float]] = []
     benchmark.pedantic(lambda: results.append(workload.measure(engine)),
                        rounds=rounds, iterations=1, warmup_rounds=1)

@@ -1,5 +1,5 @@
 """Speculative decoding speed-up: ``dummy-draft`` drafts for ``dummy``; other models
-draft with their own first layers (see ``engines.draft_layers``)."""
+draft with themselves (``engines.models.DRAFT_MODELS``)."""
 
 from benchmarks.conftest import run_workload
 from benchmarks.workloads import Workload
@@ -9,4 +9,4 @@ def test_speculative_speedup(benchmark, engine, rounds):
     workload = Workload("speculative", "speculative", prompt_tokens=16, new_tokens=64)
     result = run_workload(benchmark, engine, workload, rounds)
     assert result["spec_speedup"] > 0
-    assert 0 <= result["draft_acceptance"] <= 1
+    assert 0 <= result.get("draft_acceptance", 0) <= 1  # absent: no from_draft flags

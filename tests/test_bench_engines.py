@@ -1,11 +1,14 @@
-"""Timing adapters (benchmarks/engines.py) on the real engines with the ``dummy`` model.
+"""Engines as the benchmarks open them (benchmarks/engines.py), on the ``dummy`` model.
 
-What an adapter must get right for its timings to mean anything: exactly the asked
-number of tokens (end-of-sequence suppressed), one token per sequence per batched
-step, draft tokens flagged, and the weight bytes that the roofline divides by.
+What timing an engine needs besides its events: exactly the asked number of tokens
+(end tokens banned by the request's logit bias), one token per sequence in every
+batched step, draft tokens flagged, the weight bytes the roofline divides by, and
+events delivered as they are produced (lazily), not after the whole generation.
 """
 
 import importlib.util
+import math
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -13,17 +16,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from benchmarks import memory
-from benchmarks.engines import (
-    MLXAPIEngine,
-    Slowdown,
-    SyntheticEngine,
-    TransformersEngine,
-    _first_layers,
-    make_engine,
-    parse_spec,
-)
+from benchmarks.engines import TimedEngine, open_timed, parse_bench_spec, split_specs
+from engines.protocol import GenerateRequest
+from engines.registry import EngineUnavailable
 
-# For ``dummy``, greedy decoding of this prompt emits an EOS id as its second token.
+# For ``dummy``, greedy decoding of this prompt emits an EOS id as its first token.
 EOS_PROMPT = " nobody else"
 KINDS = ["reference", "mlx-lm", "transformers"]
 NEEDS = {"mlx-lm": "mlx_lm", "transformers": "torch"}
@@ -34,70 +31,83 @@ def engine(request):
     module = NEEDS.get(request.param)
     if module and importlib.util.find_spec(module) is None:
         pytest.skip(f"{request.param} is not installed: pip install 'lmconform[peers]'")
-    loaded = make_engine(request.param, "dummy")
-    loaded.load()
-    return loaded
+    opened = open_timed(request.param, "dummy")
+    yield opened
+    opened.close()
 
 
-def collect(engine, prompt, max_tokens, **kwargs) -> list[bool]:
-    flags = []
-    engine.generate(engine.encode(prompt), max_tokens, flags.append, **kwargs)
-    return flags
+def tokens(engine, prompt, max_tokens, draft=None) -> list:
+    request = engine.request(engine.encode(prompt), max_tokens, draft=draft)
+    return list(engine.generate(request))
 
 
 def test_generation_length_is_exact_even_where_the_model_would_stop(engine):
-    # Without suppression this prompt ends after 1 token (the EOS is its 2nd token).
-    assert len(collect(engine, EOS_PROMPT, 24)) == 24
-    assert len(collect(engine, "Hello, world!", 1)) == 1
+    # Without the bias this prompt ends at once: its first token is an end token.
+    unbanned = list(engine.adapter.generate(
+        GenerateRequest(prompt=engine.encode(EOS_PROMPT), max_tokens=24)
+    ))
+    assert [e.finish_reason for e in unbanned] == ["stop"]
+    assert unbanned[0].token in engine.profile.end_tokens
+    assert len(tokens(engine, EOS_PROMPT, 24)) == 24
+    assert len(tokens(engine, "Hello, world!", 1)) == 1
 
 
 def test_speculative_generation_flags_draft_tokens(engine):
-    flags = collect(engine, "The quick brown fox", 24, num_draft_tokens=3)
-    assert len(flags) == 24
+    events = tokens(engine, "The quick brown fox", 24, draft="dummy-draft")
+    assert len(events) == 24
+    if engine.name == "transformers":  # it does not say which tokens the draft made
+        assert {e.from_draft for e in events} == {None}
+        return
+    flags = [e.from_draft for e in events]
     assert any(flags) and not all(flags)  # some tokens accepted from the draft, not all
 
 
 def test_batched_steps_yield_one_token_per_sequence(engine):
-    if not engine.supports("batch"):
-        pytest.skip(f"{engine.name} has no batched generation")
+    if engine.name == "transformers":  # its batches come back whole: reported, not timed
+        assert "no stream_batch" in engine.unsupported("batch")
+        return
+    assert engine.unsupported("batch") is None
     prompts = [engine.encode(p)[:6] for p in ("Hello, world!", EOS_PROMPT * 2, "Once upon")]
-    steps = []
-    engine.generate_batch(prompts, 5, steps.append)
-    assert steps == [3] * 5
+    rows = [row for row, _ in engine.stream_batch(engine.batch_request(prompts, 5))]
+    assert sorted(rows) == sorted([0, 1, 2] * 5)
+    # Every row's first token before any row's second: the rows run together.
+    assert sorted(rows[:3]) == [0, 1, 2]
 
 
-def test_encode_skips_special_tokens(engine):
+def test_events_arrive_while_the_engine_generates(engine):
+    """The first event is in hand long before the generation is over (lazily yielded):
+    an adapter that answered after the whole generation would hand over all 48 at once."""
+    request = engine.request(engine.encode("Hello"), 48)
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in engine.generate(request)]
+    assert len(stamps) == 48
+    # Prefill of 5 tokens plus one step, against 47 more decode steps.
+    assert stamps[0] - start < 0.5 * (stamps[-1] - start)
+
+
+def test_prompts_use_the_reference_tokenizer_without_special_tokens(engine):
     assert engine.encode("hi") == [ord("h"), ord("i")]  # dummy: byte-level, no BOS
+    assert engine.profile.end_tokens  # the dummy's EOS ids, banned in every request
+    bias = engine.request([1], 2).processors.logit_bias
+    assert bias == {t: -math.inf for t in engine.profile.end_tokens}
 
 
 def test_weight_bytes_count_every_parameter_once_and_the_untied_head_per_token(engine):
-    if isinstance(engine, MLXAPIEngine):
-        params = dict(tree_flatten(engine.model.parameters()))
+    model = engine.adapter.model
+    if engine.name == "transformers":
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        embedding = model.get_input_embeddings().weight.numel() * 4
+    else:
+        params = dict(tree_flatten(model.parameters()))
         held = sum(v.nbytes for v in params.values())
         embedding = params["model.embed_tokens.weight"].nbytes
-    else:
-        held = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-        embedding = engine.model.get_input_embeddings().weight.numel() * 4
-    assert engine.weight_bytes() == held
+    assert engine.profile.weight_bytes == held
     # dummy has an untied head: a token reads one embedding row, but the whole head.
-    assert engine.weight_bytes_per_token() == held - embedding
+    assert engine.profile.weight_bytes_per_token == held - embedding
 
 
 def test_versions_name_the_engine(engine):
     assert engine.name in engine.versions()
-
-
-def test_self_draft_keeps_the_first_layers_and_shares_weights():
-    engine = make_engine("reference", "dummy")
-    engine.load()
-    assert isinstance(engine, MLXAPIEngine)
-    model = engine.model
-    draft = _first_layers(model, 1)
-    assert len(draft.layers) == 1 and len(model.layers) == 2  # the original is untouched
-    assert draft.layers[0] is model.layers[0]
-    assert draft.model.embed_tokens is model.model.embed_tokens
-    tokens = mx.array([engine.encode("Hello")])
-    assert draft(tokens).shape == model(tokens).shape
 
 
 def test_transformers_threads_option_is_applied_per_call():
@@ -106,34 +116,38 @@ def test_transformers_threads_option_is_applied_per_call():
     import torch
 
     default = torch.get_num_threads()
-    one = make_engine("transformers:threads=1", "dummy")
-    plain = make_engine("transformers", "dummy")
-    assert isinstance(one, TransformersEngine) and one.threads == 1
-    one.load()
-    plain.load()
+    one = open_timed("transformers:threads=1:name=t1", "dummy")
+    two = open_timed("transformers:threads=2:name=t2", "dummy")
     try:
-        collect(one, "Hello", 2)
-        assert torch.get_num_threads() == 1 and one.settings()["threads"] == 1
-        collect(plain, "Hello", 2)  # the other engine gets the process default back
-        assert torch.get_num_threads() == default == plain.settings()["threads"]
+        tokens(one, "Hello", 2)
+        assert torch.get_num_threads() == 1
+        tokens(two, "Hello", 2)  # each engine sets its own count for its own calls
+        assert torch.get_num_threads() == 2
     finally:
+        one.close()
+        two.close()
         torch.set_num_threads(default)
 
 
 def test_specs_parse_names_slowdown_and_options():
-    assert parse_spec("synthetic:step_ms=2:name=x") == ("synthetic", {"step_ms": "2", "name": "x"})
-    slowed = make_engine("synthetic:step_ms=3:slowdown=0.15:name=base", "m")
-    assert isinstance(slowed, Slowdown) and slowed.fraction == 0.15 and slowed.name == "base"
-    assert isinstance(slowed.inner, SyntheticEngine) and slowed.inner.step_s == 0.003
-    assert make_engine("mlx-lm", "dummy").name == "mlx-lm"
-    with pytest.raises(ValueError, match="unknown engine"):
-        make_engine("llama.cpp", "m")
-    with pytest.raises(ValueError, match="key=value"):
-        make_engine("synthetic:oops", "m")
-    with pytest.raises(ValueError, match="takes no options"):
-        make_engine("reference:threads=2", "m")
-    with pytest.raises(ValueError, match="slowdown fraction"):
-        make_engine("synthetic:slowdown=-1", "m")
+    spec, name, slowdown = parse_bench_spec("synthetic:step_ms=3:slowdown=0.15:name=base")
+    assert (name, slowdown) == ("base", 0.15)
+    assert spec.target == "benchmarks.instruments:SyntheticEngine"
+    assert spec.options == {"step_ms": "3"}  # the bench-only options are taken off
+    slowed = open_timed("synthetic:step_ms=3:slowdown=0.15:name=base", "m")
+    assert slowed.name == "base" and slowed.slowdown == 0.15
+    assert slowed.adapter.step_s == 0.003
+    assert TimedEngine.from_spec("mlx-lm", "dummy").name == "mlx-lm"
+    assert split_specs("reference,transformers:threads=1,x=2,cmd:a b") == [
+        "reference", "transformers:threads=1,x=2", "cmd:a b"]
+    with pytest.raises(EngineUnavailable, match="unknown engine"):
+        TimedEngine.from_spec("llama.cpp", "m")
+    with pytest.raises(EngineUnavailable, match="no option threads"):
+        open_timed("reference:threads=2", "dummy")
+    with pytest.raises(EngineUnavailable, match="slowdown fraction"):
+        TimedEngine.from_spec("synthetic:slowdown=-1", "m")
+    with pytest.raises(EngineUnavailable, match="bad synthetic engine option"):
+        open_timed("synthetic:bogus=1", "m")
 
 
 def test_memory_probes_see_what_is_allocated_inside_them():

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import roofline
-from benchmarks.engines import _mlx_weight_bytes
+from benchmarks.engines import mlx_weight_bytes
 from benchmarks.history import Sample
 from benchmarks.report import iqr_percent, results_table, roofline_note, summary_table
 
@@ -81,8 +81,8 @@ def test_weight_bytes_of_a_tied_mlx_model_count_the_embedding_as_the_head():
     args = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 32}
     tied = Model(ModelArgs(**args, tie_word_embeddings=True))
-    held, per_token = _mlx_weight_bytes(tied)
+    held, per_token = mlx_weight_bytes(tied)
     assert per_token == held  # the head *is* the embedding, read whole every token
     untied = Model(ModelArgs(**args, tie_word_embeddings=False))
-    held, per_token = _mlx_weight_bytes(untied)
+    held, per_token = mlx_weight_bytes(untied)
     assert held - per_token == 64 * 16 * 4  # the float32 embedding table is not read

@@ -3,32 +3,49 @@
 import pytest
 
 from benchmarks import runner
-from benchmarks.engines import SyntheticEngine
+from benchmarks.engines import TimedEngine
 from benchmarks.history import History
+from benchmarks.instruments import SyntheticEngine
 from benchmarks.workloads import Workload
+from engines import registry
 
 DECODE = Workload("decode-4", "decode", prompt_tokens=4, new_tokens=4)
 PREFILL = Workload("prefill-8", "prefill", prompt_tokens=8)
+BATCH = Workload("batch-2", "batch", prompt_tokens=4, new_tokens=2, batch_size=2)
 
 
-class Recording(SyntheticEngine):
-    """A fast synthetic engine that logs every generate call in a shared list."""
+class Logging(SyntheticEngine):
+    """A fast synthetic engine that logs every generation in a shared list."""
 
-    def __init__(self, name: str, log: list, kinds=("prefill", "decode")):
-        super().__init__(name=name, step_ms=0.05, prefill_us=1.0)
-        self.log, self.kinds = log, kinds
+    def __init__(self, label: str, log: list):
+        super().__init__(step_ms=0.05, prefill_us=1.0)
+        self.label, self.log = label, log
 
-    def supports(self, kind):
-        return kind in self.kinds
-
-    def generate(self, prompt, max_tokens, on_token, num_draft_tokens=None):
-        self.log.append(self.name)
-        super().generate(prompt, max_tokens, on_token, num_draft_tokens)
+    def generate(self, request):
+        self.log.append(self.label)
+        yield from super().generate(request)
 
 
-class Broken(Recording):
-    def generate(self, prompt, max_tokens, on_token, num_draft_tokens=None):
+class Crashing(Logging):
+    def generate(self, request):
         raise RuntimeError("engine crashed")
+
+
+def recording(name: str, log: list, without: frozenset = frozenset()) -> TimedEngine:
+    adapter = Logging(name, log)
+    adapter.capabilities = adapter.capabilities - without
+    return TimedEngine.around(adapter, name)
+
+
+def broken(name: str, log: list) -> TimedEngine:
+    return TimedEngine.around(Crashing(name, log), name)
+
+
+class Truncated(SyntheticEngine):
+    """Opened through the registry as ``test_bench_runner:Truncated``: its model is bad."""
+
+    def __init__(self, source):
+        raise FileNotFoundError("model file is truncated")
 
 
 def quiet(message):
@@ -37,7 +54,7 @@ def quiet(message):
 
 def test_engines_are_interleaved_after_warm_up_and_every_trial_is_stored(tmp_path):
     log = []
-    plan = runner.RunPlan([Recording("A", log), Recording("B", log)], "synthetic", [DECODE],
+    plan = runner.RunPlan([recording("A", log), recording("B", log)], "synthetic", [DECODE],
                           trials=3, warmup=1, measure_bandwidth=False)
     with History(tmp_path / "h.sqlite") as store:
         outcome = runner.run(plan, store, quiet)
@@ -56,7 +73,7 @@ def test_engines_are_interleaved_after_warm_up_and_every_trial_is_stored(tmp_pat
 
 def test_a_failing_engine_is_reported_and_the_others_carry_on(tmp_path):
     log = []
-    plan = runner.RunPlan([Broken("bad", log), Recording("good", log)], "synthetic",
+    plan = runner.RunPlan([broken("bad", log), recording("good", log)], "synthetic",
                           [PREFILL, DECODE], trials=2, warmup=1, measure_bandwidth=False)
     messages = []
     with History(tmp_path / "h.sqlite") as store:
@@ -71,19 +88,20 @@ def test_a_failing_engine_is_reported_and_the_others_carry_on(tmp_path):
 
 
 def test_unsupported_workloads_are_skipped_not_failed(tmp_path):
-    log = []
-    plan = runner.RunPlan([Recording("A", log, kinds=("decode",))], "synthetic",
-                          [PREFILL, DECODE], trials=1, warmup=0, measure_bandwidth=False)
+    log, messages = [], []
+    plan = runner.RunPlan([recording("A", log, without=frozenset({"batch"}))], "synthetic",
+                          [BATCH, DECODE], trials=1, warmup=0, measure_bandwidth=False)
     with History(tmp_path / "h.sqlite") as store:
-        outcome = runner.run(plan, store, quiet)
+        outcome = runner.run(plan, store, messages.append)
         workloads = {s.workload for s in store.samples([outcome.run_id])}
-    assert outcome.skipped == [("A", "prefill-8")]
+    assert outcome.skipped == [("A", "batch-2")]
     assert not outcome.errors
     assert workloads == {"decode-4"}
+    assert any("A: unsupported, skipped (A lacks the capabilities batch)" in m for m in messages)
 
 
 def test_the_time_budget_stops_new_trials_and_keeps_the_run_readable(tmp_path):
-    plan = runner.RunPlan([Recording("A", [])], "synthetic", [DECODE], trials=50, warmup=0,
+    plan = runner.RunPlan([recording("A", [])], "synthetic", [DECODE], trials=50, warmup=0,
                           measure_bandwidth=False, time_budget_s=0.0)
     with History(tmp_path / "h.sqlite") as store:
         outcome = runner.run(plan, store, quiet)
@@ -93,7 +111,7 @@ def test_the_time_budget_stops_new_trials_and_keeps_the_run_readable(tmp_path):
 
 
 def test_bandwidth_is_measured_and_stored_with_the_run(tmp_path):
-    plan = runner.RunPlan([Recording("A", [])], "synthetic", [PREFILL], trials=1, warmup=0)
+    plan = runner.RunPlan([recording("A", [])], "synthetic", [PREFILL], trials=1, warmup=0)
     with History(tmp_path / "h.sqlite") as store:
         outcome = runner.run(plan, store, quiet)
         (sample,) = [s for s in store.samples([outcome.run_id]) if s.metric == "bandwidth_gbs"]
@@ -103,7 +121,7 @@ def test_bandwidth_is_measured_and_stored_with_the_run(tmp_path):
 
 def test_progress_reports_each_stored_trial(tmp_path):
     messages = []
-    plan = runner.RunPlan([Recording("A", [])], "synthetic", [DECODE], trials=2, warmup=0,
+    plan = runner.RunPlan([recording("A", [])], "synthetic", [DECODE], trials=2, warmup=0,
                           measure_bandwidth=False)
     with History(tmp_path / "h.sqlite") as store:
         runner.run(plan, store, messages.append)
@@ -114,36 +132,35 @@ def test_progress_reports_each_stored_trial(tmp_path):
 
 def test_plans_are_validated():
     with pytest.raises(ValueError, match="distinct"):
-        runner.RunPlan([Recording("A", []), Recording("A", [])], "m", [DECODE])
+        runner.RunPlan([recording("A", []), recording("A", [])], "m", [DECODE])
     with pytest.raises(ValueError, match="trials"):
-        runner.RunPlan([Recording("A", [])], "m", [DECODE], trials=0)
+        runner.RunPlan([recording("A", [])], "m", [DECODE], trials=0)
     with pytest.raises(ValueError, match="at least one engine"):
         runner.RunPlan([], "m", [DECODE])
 
 
-class Missing(Recording):
-    def load(self):
-        raise ImportError("No module named 'mlx_lm'")
+def not_installed(monkeypatch, name: str) -> TimedEngine:
+    """The built-in engine ``name`` as the registry sees it where its package is missing."""
+    monkeypatch.setattr(registry, "missing_requirements", lambda engine: ["its_package"])
+    return TimedEngine.from_spec(name, "dummy")
 
 
-class Unloadable(Recording):
-    def load(self):
-        raise FileNotFoundError("model file is truncated")
-
-
-def test_engines_that_cannot_load_are_reported_and_left_out(tmp_path):
+def test_engines_that_cannot_load_are_reported_and_left_out(tmp_path, monkeypatch):
     messages = []
-    plan = runner.RunPlan([Missing("mlx-lm", []), Unloadable("odd", []), Recording("A", [])],
+    truncated = TimedEngine.from_spec("test_bench_runner:Truncated:name=odd", "dummy")
+    missing = not_installed(monkeypatch, "mlx-lm")
+    plan = runner.RunPlan([missing, truncated, recording("A", [])],
                           "synthetic", [DECODE], trials=1, warmup=0, measure_bandwidth=False)
     with History(tmp_path / "h.sqlite") as store:
         outcome = runner.run(plan, store, messages.append)
         assert {s.engine for s in store.samples([outcome.run_id])} == {"A"}
     assert "pip install 'lmconform[peers]'" in outcome.errors[("mlx-lm", "load")]
     assert "truncated" in outcome.errors[("odd", "load")]
-    assert any("mlx-lm is not installed, skipped" in m for m in messages)
+    assert any("mlx-lm is unavailable, skipped" in m for m in messages)
 
 
-def test_a_run_with_no_loadable_engine_is_an_error(tmp_path):
-    plan = runner.RunPlan([Missing("mlx-lm", [])], "m", [DECODE], measure_bandwidth=False)
+def test_a_run_with_no_loadable_engine_is_an_error(tmp_path, monkeypatch):
+    plan = runner.RunPlan([not_installed(monkeypatch, "mlx-lm")], "m", [DECODE],
+                          measure_bandwidth=False)
     with History(tmp_path / "h.sqlite") as store, pytest.raises(RuntimeError, match="no engine"):
         runner.run(plan, store, quiet)
