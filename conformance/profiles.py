@@ -102,7 +102,25 @@ PROFILES: dict[str, PrecisionProfile] = {
 }
 
 # The profile used for a model when the user does not name one.
-DEFAULT_PROFILE = {"dummy": "fp32", "dummy-draft": "fp32", "smollm2-135m": "q4"}
+DEFAULT_PROFILE = {
+    "dummy": "fp32",
+    "dummy-draft": "fp32",
+    # The tiny models of the other families: float32 like dummy.
+    **dict.fromkeys(
+        (
+            "dummy-qwen2",
+            "dummy-qwen3",
+            "dummy-gemma",
+            "dummy-gemma3",
+            "dummy-phi3",
+            "dummy-moe",
+            "dummy-qwen2-moe",
+            "dummy-mixtral",
+        ),
+        "fp32",
+    ),
+    "smollm2-135m": "q4",
+}
 
 
 def get_profile(name: str) -> PrecisionProfile:

@@ -32,10 +32,22 @@ from pathlib import Path
 
 FORMATS = ("builtin", "hf-folder", "hf-float-folder", "gguf")
 
-BUILTIN_MODELS = ("dummy", "dummy-draft", "smollm2-135m")
-FLOAT_MODELS = ("dummy", "dummy-draft")
+# The tiny float32 models of the other architecture families (``reference.dummy.DUMMY_MODELS``;
+# written out here so that this table needs no MLX). Each is exported like ``dummy``.
+FAMILY_MODELS = (
+    "dummy-qwen2",
+    "dummy-qwen3",
+    "dummy-gemma",
+    "dummy-gemma3",
+    "dummy-phi3",
+    "dummy-moe",
+    "dummy-qwen2-moe",
+    "dummy-mixtral",
+)
+BUILTIN_MODELS = ("dummy", "dummy-draft", *FAMILY_MODELS, "smollm2-135m")
+FLOAT_MODELS = ("dummy", "dummy-draft", *FAMILY_MODELS)
 # The models a run uses when none is named (``lmconform check``, the pytest plugin).
-DEFAULT_MODELS = ("dummy", "smollm2-135m")
+DEFAULT_MODELS = ("dummy", *FAMILY_MODELS, "smollm2-135m")
 # Draft models for speculative decoding; a model without one drafts with itself ("self").
 DRAFT_MODELS = {"dummy": "dummy-draft"}
 # Seconds one conformance case may take, model loading included (smollm2 decodes ~6 tok/s).
@@ -140,7 +152,9 @@ def reference_fingerprint() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailable("exporting models needs the reference package (and MLX)")
     digest = hashlib.sha256()
-    for file in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
-        digest.update(file.name.encode())
+    root = Path(next(iter(spec.submodule_search_locations)))
+    # Recursively: the families' code in reference/models/ decides parameter names and shapes.
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]

@@ -6,7 +6,8 @@ catalogue is run on the reference and compared, tie-aware, with
 ``conformance/golden/<model>/<group>.json``. ``pytest --snapshot-update``
 rewrites the groups that changed.
 
-Every group of both models runs (on ``smollm2-135m`` about two minutes of
+Every group of every model runs: ``dummy``, the tiny model of each other
+family (``engines.models.FAMILY_MODELS``) and ``smollm2-135m`` (about two minutes of
 CPU here: MLX decodes ~6 tokens/s).
 
 The other tests prove that checking against snapshots gives the verdicts of
@@ -50,10 +51,10 @@ from conformance.snapshots.store import (
     write_vocabulary,
 )
 from conformance.snapshots.syrupy_extension import GoldenSnapshotExtension
-from engines.models import ModelSource
+from engines.models import FAMILY_MODELS, ModelSource
 from engines.protocol import GenerateRequest
 
-MODELS = ("dummy", "smollm2-135m")
+MODELS = ("dummy", *FAMILY_MODELS, "smollm2-135m")
 
 
 def catalogue_groups(model: str) -> list[str]:
@@ -93,7 +94,7 @@ def test_reference_matches_its_golden_snapshot(model, group, snapshot):
 
 
 @pytest.mark.parametrize(
-    "model", [pytest.param(m, marks=[pytest.mark.smollm] if m != "dummy" else []) for m in MODELS]
+    "model", [pytest.param(m, marks=[pytest.mark.smollm] if m == "smollm2-135m" else []) for m in MODELS]
 )
 def test_the_stored_vocabulary_is_the_tokenizers(model, request):
     """The vocabulary file beside the group files; ``--snapshot-update`` rewrites it too."""

@@ -1,12 +1,12 @@
 """``lmconform check``: run the case catalogue on engines and print the conformance matrix.
 
 With no arguments it runs the default matrix: the reference and every
-installed peer engine (mlx-lm, transformers) on ``dummy`` and
-``smollm2-135m``. Progress goes to stderr, the matrix and the diagnostics of
-every fail and near-tie to stdout; ``--json``, ``--markdown`` and ``--junit``
-write reports. Every input is checked before any case runs (see the exit
-status below); a run stopped by a signal or an internal error still writes
-the reports of the cases it finished.
+installed peer engine (mlx-lm, transformers) on ``engines.models.DEFAULT_MODELS``
+(``dummy``, the tiny model of every other family, ``smollm2-135m``). Progress
+goes to stderr, the matrix and the diagnostics of every fail and near-tie to
+stdout; ``--json``, ``--markdown`` and ``--junit`` write reports. Every input
+is checked before any case runs (see the exit status below); a run stopped by
+a signal or an internal error still writes the reports of the cases it finished.
 
 ``--against snapshots`` compares with the committed golden snapshots of the
 reference instead of running it (no MLX needed); ``--against DIR`` with
@@ -25,7 +25,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-DEFAULT_MODELS = ("dummy", "smollm2-135m")
+from engines.models import DEFAULT_MODELS
+
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a longer per-case limit is a typo
 REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
 EXIT_CODES = """exit status:
