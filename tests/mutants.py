@@ -8,22 +8,36 @@ passes the whole catalogue. Usable from the CLI too, e.g.
 
 The bugs sit where real engines have had them: in the decode loop, the
 sampler, the logits processors, the batch scheduler, the KV cache, the
-speculative acceptance rule, the embeddings path and the detokenizer.
+speculative acceptance rule, the embeddings path and the detokenizer. The
+mutants after ``StreamDropsFinalText`` each model a kind of bug reported on
+the issue trackers of llama.cpp, vLLM, SGLang, mlx-lm, transformers and the
+engines built on them (cited in a comment above each); most sit where two
+features meet, and are caught by the generated ``combo/`` cases or by a case at
+the edge of a rule (the last allowed step, a stop token inside a draft block).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import cache
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
 from sampler_mutants import SAMPLER_MUTANTS
 
 import reference
+from engines.adapters import mlx_style
 from engines.adapters.base import event_from_logprobs
 from engines.adapters.reference import ReferenceEngine
-from engines.protocol import ProcessorSettings, SamplerSettings, TokenEvent
+from engines.protocol import (
+    BatchRequest,
+    ProcessorSettings,
+    SamplerSettings,
+    ScoreRequest,
+    TokenEvent,
+)
 
 
 @cache
@@ -338,6 +352,285 @@ class StreamDropsFinalText(Control):
             yield replace(event, text="") if event.finish_reason is not None else event
 
 
+# -- modelled on reported bugs ---------------------------------------------------------------
+
+
+class CachedPrefixNotPenalized(Control):
+    # llama.cpp #8971 "uncached prompt is not used for penalty"; lmstudio mlx-engine #147
+    # (penalties over a reused prompt cache saw only the newly processed tokens).
+    name = "mutant-cache-penalty-history"
+    bug = "with a reused prompt cache, penalties count only the part of the prompt fed anew"
+    caught_by = ("combo/prompt_cache+penalties",)
+
+    def generate(self, request):
+        with mock.patch.object(mlx_style, "with_history", lambda processor, held: processor):
+            yield from super().generate(request)
+
+
+class BatchWindowWithoutSinks(Control):
+    # mlx-lm #439 (padded tokens kept in the batched RotatingKVCache), #487 and #738 (the
+    # batched sliding-window cache, "Fix sliding window batching"): a window that is right
+    # for one sequence and wrong in a batch.
+    name = "mutant-batch-window"
+    bug = "in a batch, the bounded KV cache keeps no sink positions (a plain sliding window)"
+    caught_by = ("combo/batch+sliding_window",)
+
+    def generate_batch(self, request):
+        if all(row.request.max_kv_size is None for row in request.rows):
+            return super().generate_batch(request)
+        plain_window = SlidingWindowWithoutSinks(self.source)
+        return [list(plain_window.generate(row.request)) for row in request.rows]
+
+
+class BatchStopSequencesIgnored(Control):
+    # SGLang #31599 and vLLM's stop-checker fixes: stop conditions evaluated for the batch's
+    # schedule rather than per request; here a row's own stop sequences are dropped.
+    name = "mutant-batch-stop-sequences"
+    bug = "batch rows ignore their own stop sequences and run to max_tokens"
+    caught_by = ("combo/batch+stop_sequence",)
+
+    def generate_batch(self, request):
+        rows = [replace(r, request=replace(r.request, stop_sequences=[])) for r in request.rows]
+        return super().generate_batch(BatchRequest(rows))
+
+
+class StopSequenceWithinOneToken(Control):
+    # mlx-knife #68 "a stop sequence split across two tokens is not seen in a stream";
+    # SwiftLM #126 (the stop check only looked at the chunk that completes it).
+    name = "mutant-stop-sequence-one-token"
+    bug = "a stop sequence is only recognised when one token completes all of it"
+    caught_by = ("stopping/stop_sequence", "combo/streaming+stop_sequence")
+
+    def generate(self, request):
+        single = [s for s in request.stop_sequences if len(s) == 1]
+        yield from super().generate(replace(request, stop_sequences=single))
+
+
+class SpeculativeEmitsPastStop(Control):
+    # koboldcpp #1276 "continues outputting beyond EOS when speculative decoding is used";
+    # transformers #47912 "assisted decoding generates past an EOS accepted mid-block".
+    name = "mutant-speculative-past-stop"
+    bug = "a stop token accepted inside a draft block does not stop: the whole block is emitted"
+    caught_by = ("speculative/stop_mid_block",)
+
+    def generate(self, request):
+        if request.draft is None or not request.stop_tokens:
+            yield from super().generate(request)
+            return
+        stops = set(request.stop_tokens) | set(self.tokenizer.eos_token_ids)
+        events = list(super().generate(replace(request, stop_tokens=[])))
+        for i, event in enumerate(events):
+            if event.token in stops:
+                # A block ends with the target's own token (the first not from the draft).
+                end = next((j for j in range(i, len(events)) if not events[j].from_draft), i)
+                cut = [replace(e, finish_reason=None) for e in events[: end + 1]]
+                cut[-1] = replace(cut[-1], finish_reason="stop")
+                yield from cut
+                return
+        yield from events
+
+
+class SpeculativeOvershootsMaxTokens(Control):
+    # SGLang #31599 "speculative decode: max_new_tokens cap ... leaks post-stop tokens" (a
+    # whole accepted block is appended before the length cap is checked).
+    name = "mutant-speculative-max-tokens"
+    bug = "speculative decoding finishes its last block of drafts past max_tokens"
+    caught_by = ("speculative/last_allowed_step",)
+
+    def generate(self, request):
+        if request.draft is None:
+            yield from super().generate(request)
+            return
+        block = request.draft.num_draft_tokens + 1
+        rounded = math.ceil(request.max_tokens / block) * block
+        yield from super().generate(replace(request, max_tokens=rounded))
+
+
+class LogprobsBeforeBias(Control):
+    # OpenAI's API stopped applying logit_bias to reported logprobs (2024), and engines
+    # differ on it; llama-cpp-python #349 "Logprobs incorrectly computed from logits".
+    name = "mutant-logprobs-before-bias"
+    bug = "reported logprobs are the model's raw ones, before logit bias and penalties"
+    caught_by = ("logit_bias/redirect",)
+
+    def generate(self, request):
+        events = list(super().generate(request))
+        if not request.processors.active or not events:
+            yield from events
+            return
+        tokens = [e.token for e in events]
+        raw = self.score(ScoreRequest(list(request.prompt), tokens, request.top_logprobs))
+        for event, plain in zip(events, raw):
+            yield replace(event, logprob=plain.logprob, top_logprobs=plain.top_logprobs)
+
+
+class PenaltyIgnoresPrompt(Control):
+    # FastDeploy #2954 "support prompt repetition_penalty" (the penalty saw generated tokens
+    # only); vllm-gaudi #769 (prompt_token_ids missing from penalty metadata in decode).
+    name = "mutant-penalty-prompt"
+    bug = "repetition penalties count generated tokens only, not the prompt's"
+    caught_by = ("penalties/repetition",)
+
+    def generation_kwargs(self, request):
+        kwargs = super().generation_kwargs(request)
+        skip = len(request.prompt)
+        if kwargs.get("logits_processors"):
+            kwargs["logits_processors"] = [
+                lambda tokens, logits, p=p: p(tokens[skip:], logits)
+                for p in kwargs["logits_processors"]
+            ]
+        return kwargs
+
+
+class BatchRowsShareFirstRowsProcessors(Control):
+    # SGLang #3187 review ("a single request's logit_bias would not affect other
+    # requests?") and vLLM #13079 (per-request logit bias in the batched v1 sampler).
+    name = "mutant-batch-shared-processors"
+    bug = "every batch row gets the first row's logit bias and penalties"
+    caught_by = ("batch/per_row_settings",)
+
+    def generate_batch(self, request):
+        first = request.rows[0].request.processors
+        rows = [replace(r, request=replace(r.request, processors=first)) for r in request.rows]
+        return super().generate_batch(BatchRequest(rows))
+
+
+class BatchPenaltySeesOtherRows(_RowByRowBatch):
+    # vllm-gaudi #769 (penalty token ids cached across a changing batch composition) and
+    # mlx-lm's batched processors: a row's penalty counts tokens of the other rows' prompts.
+    name = "mutant-batch-penalty-rows"
+    bug = "in a batch, a row's repetition penalty also counts the other rows' prompt tokens"
+    caught_by = ("combo/batch+penalties",)
+
+    def generate_batch(self, request):
+        everyone = [t for row in request.rows for t in row.request.prompt]
+        answers = []
+        for row in request.rows:
+            kwargs = self.generation_kwargs(row.request)
+            held = mx.array(everyone, dtype=mx.int32)
+            kwargs["logits_processors"] = [
+                mlx_style.with_history(p, held) for p in kwargs.get("logits_processors") or []
+            ]
+            answers.append(self.events(row.request, list(row.request.prompt), kwargs))
+        return answers
+
+
+class CacheLosesLastCachedPosition(Control):
+    # Whallm #5 "prompt cache reuse corrupts generation when only 1 token remains to
+    # prefill"; mlx-vlm #1715 (prefix reuse slices the cache by the wrong length).
+    name = "mutant-cache-last-position"
+    bug = "a reused prompt cache is trimmed one position too far before the rest is fed"
+    caught_by = ("prompt_cache/continuation",)
+
+    def reuse_cache(self, request):
+        rest, cache = super().reuse_cache(request)
+        if rest.size < len(request.prompt):  # a cached prefix is being reused
+            self.trim_cache(cache, 1)
+        return rest, cache
+
+
+class WindowOneTooWide(Control):
+    # mlx-lm #390 "fix window attention mask" (the mask had one too many values: each
+    # query saw window + 1 positions).
+    name = "mutant-window-width"
+    bug = "the bounded KV cache holds max_kv_size + 1 positions"
+    caught_by = ("sliding_window/decode_rotation",)
+
+    def rotating_cache(self, max_kv_size):
+        return super().rotating_cache(max_kv_size + 1)
+
+
+class StopSequenceTextWithheld(Control):
+    # vLLM #3574 and SwiftLM #132: streamed text held back or trimmed around a stop string
+    # (OpenAI trims it; this protocol reports the sequence's tokens and their text).
+    name = "mutant-stop-sequence-text"
+    bug = "the streamed text leaves out what the token completing a stop sequence adds"
+    caught_by = ("combo/streaming+stop_sequence",)
+
+    def generate(self, request):
+        for event in super().generate(request):
+            done = event.finish_reason == "stop" and event.token not in request.stop_tokens
+            yield replace(event, text="") if done and request.stop_sequences else event
+
+
+class StopTokenEmitsText(Control):
+    # koboldcpp #1031 (text next to an end-of-turn token lost or leaked when streaming):
+    # here a request's stop token is decoded into the text like any other token.
+    name = "mutant-stop-token-text"
+    bug = "a request's stop token contributes its text (only the model's own EOS is silent)"
+    caught_by = ("text/stop_token_silent",)
+
+    def generate(self, request):
+        for event in super().generate(request):
+            if event.finish_reason == "stop" and event.token in request.stop_tokens:
+                event = replace(event, text=event.text + self.tokenizer.decode([event.token]))
+            yield event
+
+
+class LengthWinsOverEndToken(Control):
+    # SGLang #31599: the max_new_tokens cap checked before the stop conditions reports
+    # FINISH_LENGTH where a stop token landed within the budget.
+    name = "mutant-finish-length-first"
+    bug = "when the last allowed token is an end token, finish_reason says 'length'"
+    caught_by = ("stopping/end_token_at_last_step",)
+
+    def generate(self, request):
+        events = list(super().generate(request))
+        if len(events) == request.max_tokens and events[-1].finish_reason == "stop":
+            events[-1] = replace(events[-1], finish_reason="length")
+        yield from events
+
+
+class FromDraftNeverSet(Control):
+    # SGLang #39826 (speculative decoding's accounting of accepted tokens is wrong): the
+    # engine drafts, but reports every token as the target's own.
+    name = "mutant-from-draft"
+    bug = "from_draft is reported false for every token, drafted or not"
+    caught_by = ("speculative/self_draft",)
+
+    def generate(self, request):
+        for event in super().generate(request):
+            yield replace(event, from_draft=False)
+
+
+class LogprobsUnnormalized(Control):
+    # llama-cpp-python #349 "Logprobs incorrectly computed from logits": here logits minus
+    # the largest logit, a log-softmax without its log-sum-exp.
+    name = "mutant-logprobs-unnormalized"
+    bug = "logprobs are logits minus the top logit (not normalised)"
+    caught_by = ("greedy/hello",)
+
+    def generate(self, request):
+        for event in super().generate(request):
+            if not event.top_logprobs:
+                yield event
+                continue
+            top = event.top_logprobs[0][1]
+            yield replace(
+                event,
+                logprob=event.logprob - top,
+                top_logprobs=[(t, lp - top) for t, lp in event.top_logprobs],
+            )
+
+
+class ScoreSamePosition(Control):
+    # maxtext #2103 "prompt logprobs misaligned: left shift needed": token t scored with
+    # the logits of position t instead of t - 1.
+    name = "mutant-score-shift"
+    bug = "teacher-forced scores use each token's own position's logits (not the previous one's)"
+    caught_by = ("score/teacher_forced",)
+
+    def score(self, request):
+        tokens = list(request.prompt) + list(request.continuation)
+        logits = self.model(mx.array(tokens)[None])[0].astype(mx.float32)
+        logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        start = len(request.prompt)  # the bug: should be len(prompt) - 1
+        return [
+            event_from_logprobs(t, logprobs[start + i], self.vocab_size, request.top_logprobs)
+            for i, t in enumerate(request.continuation)
+        ]
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -408,4 +701,24 @@ MUTANTS = [
     EmbeddingsSkipLastPosition,
     DetokenizerSplitsUtf8,
     StreamDropsFinalText,
+    # modelled on reported bugs
+    CachedPrefixNotPenalized,
+    BatchWindowWithoutSinks,
+    BatchStopSequencesIgnored,
+    StopSequenceWithinOneToken,
+    SpeculativeEmitsPastStop,
+    SpeculativeOvershootsMaxTokens,
+    LogprobsBeforeBias,
+    PenaltyIgnoresPrompt,
+    BatchRowsShareFirstRowsProcessors,
+    BatchPenaltySeesOtherRows,
+    CacheLosesLastCachedPosition,
+    WindowOneTooWide,
+    StopSequenceTextWithheld,
+    StopTokenEmitsText,
+    LengthWinsOverEndToken,
+    FromDraftNeverSet,
+    LogprobsUnnormalized,
+    ScoreSamePosition,
+    NoisyThenPositionSlip,
 ]
