@@ -10,6 +10,8 @@ themselves checked to be what the explanation says.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conformance_helpers import dummy_case, dummy_engine, dummy_oracle
 from mutants import MUTANTS, Control
@@ -18,6 +20,7 @@ from conformance.catalogue import build_request, load_cases, select_cases
 from conformance.comparator import PASS, compare_traces
 from conformance.runner import FAIL, run_case, run_cases
 from engines.models import ModelSource
+from engines.protocol import Trace
 
 SOURCE = ModelSource("dummy", "builtin")
 
@@ -30,8 +33,19 @@ MLX_LM_KNOWN_DEVIATIONS = {
     "text/utf8_pieces": "\u0100",
     # RotatingKVCache's multi-token update masks a chunk with a plain window of
     # max_size over the concatenated keys: sinks fall out of view and one extra
-    # recent position is visible, so chunked prefill beyond the window differs.
+    # recent position is visible, so chunked prefill beyond the window differs. Every
+    # combination with the 8-position window and the 13-token prompt meets it.
     "sliding_window/long_prompt": "logprob",
+    "combo/streaming+sliding_window": "window",
+    "combo/sliding_window+penalties": "window",
+    "combo/sliding_window+stop_sequence": "window",
+    "combo/sliding_window+prefill_chunking": "window",
+    "combo/sliding_window+embeddings": "window",
+    # BatchRotatingKVCache keeps no sink positions (keep is ignored in batches).
+    "combo/batch+sliding_window": "batch window",
+    # speculative_generate_step's logits processors see the generated tokens only
+    # (prev_tokens starts empty), so penalties ignore the prompt under speculation.
+    "combo/penalties+speculative": "penalty history",
 }
 
 
@@ -47,8 +61,8 @@ FAILING_CHECK = {
 }
 
 
-def test_there_are_at_least_12_mutants_each_with_a_bug_and_a_case():
-    assert len(MUTANTS) >= 12
+def test_there_are_at_least_35_mutants_each_with_a_bug_and_a_case():
+    assert len(MUTANTS) >= 35
     ids = {c.id for c in load_cases()}
     for mutant in MUTANTS:
         assert mutant.caught_by and set(mutant.caught_by) <= ids, mutant.__name__
@@ -107,6 +121,41 @@ def test_mlx_lm_passes_everything_but_its_known_deviations():
 
 
 @pytest.mark.peer
+def test_mlx_lm_window_combinations_deviate_only_through_chunked_prefill():
+    # Each window combination's request prefilled one token at a time in mlx-lm gives
+    # the reference's answer: the deviation is the chunked update, not the combination.
+    oracle = dummy_oracle()
+    engine = dummy_engine("mlx-lm")
+    for case_id, why in MLX_LM_KNOWN_DEVIATIONS.items():
+        if why != "window":
+            continue
+        request = build_request(dummy_case(case_id).request, oracle)
+        expected = oracle.answer(request)
+        one_by_one = Trace(list(engine.generate(replace(request, prefill_step_size=1))))
+        result = compare_traces(expected, one_by_one, oracle.default_profile(), oracle.decode)
+        assert result.verdict == PASS, (case_id, result.summary)
+
+
+@pytest.mark.peer
+def test_mlx_lm_speculative_penalties_ignore_the_prompt():
+    # mlx-lm's speculative answer with a penalty is the answer of a penalty blind to the
+    # prompt: the reference's answer to the same prompt given as embeddings (no token ids
+    # for the penalty to count), and not the reference's answer to the token prompt.
+    oracle = dummy_oracle()
+    engine = dummy_engine("mlx-lm")
+    case = dummy_case("combo/penalties+speculative")
+    request = build_request({**case.request, **case.params["variants"][0]}, oracle)
+    speculative = Trace(list(engine.generate(replace(request, top_logprobs=5))))
+    blind = oracle.answer(
+        build_request({**case.request, "prompt_embeddings": "from_tokens"}, oracle)
+    )
+    profile = oracle.default_profile()
+    assert compare_traces(blind, speculative, profile, oracle.decode).verdict == PASS
+    plain = oracle.answer(build_request(case.request, oracle))
+    assert compare_traces(plain, speculative, profile, oracle.decode).verdict == FAIL
+
+
+@pytest.mark.peer
 def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
     # The same request prefilled one token at a time (no multi-token cache updates)
     # gives the reference's answer: the deviation is in mlx-lm's chunked update.
@@ -116,7 +165,6 @@ def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
     chunked = build_request(case.request, oracle)
     unchunked = build_request(case.request, oracle, prefill_step_size=1)
     expected = oracle.answer(chunked)
-    from engines.protocol import Trace
 
     answer = Trace(list(engine.generate(unchunked)))
     assert compare_traces(expected, answer, oracle.default_profile(), oracle.decode).verdict == PASS
@@ -128,7 +176,6 @@ def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
 @pytest.mark.peer
 def test_mlx_lm_on_smollm2_deviates_only_by_dropping_the_leading_space():
     from conformance.oracle import ReferenceOracle
-    from engines.protocol import Trace
     from engines.registry import open_engine
 
     oracle = ReferenceOracle("smollm2-135m")
