@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engines.models import DEFAULT_MODELS
+from engines.models import DEFAULT_CASE_TIMEOUT_S, DEFAULT_MODELS
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a longer per-case limit is a typo
 REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
@@ -72,8 +72,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--timeout",
         type=seconds_option,
-        default=600.0,
-        help="time limit per case in seconds (default 600)",
+        default=DEFAULT_CASE_TIMEOUT_S,
+        help=f"time limit per case in seconds (default {DEFAULT_CASE_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--against",

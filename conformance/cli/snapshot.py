@@ -19,7 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODELS = ("dummy",)
+from engines.models import DEFAULT_CASE_TIMEOUT_S
+
+SNAPSHOT_MODELS = ("dummy",)  # recorded when no --model is given
 
 
 EXIT_CODES = """exit status:
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        help=f"model name (repeatable; default: {', '.join(DEFAULT_MODELS)})",
+        help=f"model name (repeatable; default: {', '.join(SNAPSHOT_MODELS)})",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write to")
     parser.add_argument("--cases", help="case ids: substrings or globs, comma-separated")
@@ -57,8 +59,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--timeout",
         type=seconds_option,
-        default=600.0,
-        help="time limit per case in seconds (default 600)",
+        default=DEFAULT_CASE_TIMEOUT_S,
+        help=f"time limit per case in seconds (default {DEFAULT_CASE_TIMEOUT_S:g})",
     )
     parser.set_defaults(func=run)
 
@@ -71,7 +73,7 @@ def check_inputs(args: argparse.Namespace, catalogue) -> str | None:
     from conformance.profiles import get_profile
     from engines.registry import EngineUnavailable, engine_class
 
-    models = args.model or list(DEFAULT_MODELS)
+    models = args.model or list(SNAPSHOT_MODELS)
     known = sorted({m for case in catalogue for m in case.models})
     for model in models:
         if model not in known:
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmconform snapshot: {problem}", file=sys.stderr)
         return 2
     status = 0
-    for model in args.model or list(DEFAULT_MODELS):
+    for model in args.model or list(SNAPSHOT_MODELS):
         cases = select_cases(catalogue, model, args.cases)
         if not cases:
             continue
