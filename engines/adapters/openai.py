@@ -123,10 +123,14 @@ class HttpClient:
 
         Raises ``ServerFailure`` if the stream ends without ``[DONE]``: the caller decides
         whether what came before is a whole answer."""
+        other = []  # what came that is not an event, quoted if no [DONE] comes
         with self._exchange("POST", path, body) as response:
             for line in self._lines(path, response):
                 if not line.startswith("data:"):
-                    continue  # comments (": keepalive"), event names, blank separators
+                    # Comments (": keepalive") and blank separators are part of the format.
+                    if line.strip() and not line.startswith(":"):
+                        other.append(line)
+                    continue
                 data = line.removeprefix("data:").strip()
                 if data == "[DONE]":
                     return
@@ -142,8 +146,9 @@ class HttpClient:
                         f"the server reported an error mid-stream: {excerpt(json.dumps(payload))}"
                     )
                 yield payload
+        stray = f"; besides events it sent {excerpt(' '.join(other))!r}" if other else ""
         raise ServerFailure(
-            f"the event stream of POST {self.endpoint.prefix}{path} ended without [DONE]"
+            f"the event stream of POST {self.endpoint.prefix}{path} ended without [DONE]{stray}"
         )
 
     # -- the pieces ---------------------------------------------------------------------------
