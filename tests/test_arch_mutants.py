@@ -1,0 +1,251 @@
+"""Architecture mutants: the classic per-family bugs, each caught through the conformance suite.
+
+A mutant is the reference adapter whose freshly loaded model has one bug of the
+kind engines ship when they port an architecture: Gemma's ``1 + weight`` norm
+read as ``weight``, its embedding scale or soft-caps dropped, the local window
+given to the global layers, Qwen3's q/k norms skipped, Qwen2's biases dropped,
+Phi-3's partial RoPE applied to every dimension, MoE gates renormalised where
+the model says not to (or not where it says to). Each runs the family's
+catalogue cases (the "architecture-sensitive cases" of ``cases.toml``) against
+the live reference, and the cases it names must FAIL with a finding; the
+unbroken adapter must pass all of them on every family.
+
+``tests/test_architectures.py`` catches the same bugs by logit differences
+against transformers; here they must be caught by what an engine author runs:
+``lmconform check``. Bugs are planted in the mutant's own model instances (a
+module's class swapped for a broken subclass, an attribute changed), never in
+the shared classes, so the reference that judges them stays correct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import mlx.core as mx
+import pytest
+
+import reference
+from conformance.catalogue import load_cases, select_cases
+from conformance.comparator import FAIL, PASS
+from conformance.conditioning import conditioning_of
+from conformance.oracle import ReferenceOracle
+from conformance.profiles import profile_for_model
+from conformance.runner import run_cases
+from conformance.snapshots.store import GOLDEN_DIR, read_group, snapshot_groups
+from engines.adapters.reference import ReferenceEngine
+from engines.models import DEFAULT_MODELS, FAMILY_MODELS, FLOAT_MODELS, ModelSource
+from reference.dummy import DUMMY_MODELS
+from reference.models import gemma, llama, moe, qwen
+
+LONG_PROMPT = "greedy/family_long_prompt"
+BATCH = "batch/family_rows"
+# The reference's greedy margins along every answer of the family cases stay at least
+# this far above the fp32 tie epsilon (0.01), so no correct engine meets a near-tie.
+MIN_MARGIN = 0.05
+
+
+# -- bugs, each applied to one model instance -------------------------------------------------
+
+
+class NoOffsetRMSNorm(gemma.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)  # weight, not 1 + weight
+
+
+class UnscaledGemmaModel(gemma.GemmaModel):
+    embed = llama.LlamaModel.embed  # rows not multiplied by sqrt(hidden_size)
+
+
+class NoQKNormAttention(qwen.Qwen3Attention):
+    project = llama.Attention.project  # q_norm and k_norm never applied
+
+
+def swap_class(module, broken: type) -> None:
+    """This instance (only) behaves as ``broken``, a subclass of its class."""
+    assert issubclass(broken, type(module)), (broken, type(module))
+    module.__class__ = broken
+
+
+def norm_offset_dropped(model) -> None:
+    for module in model.modules():
+        if type(module) is gemma.RMSNorm:
+            swap_class(module, NoOffsetRMSNorm)
+
+
+def embedding_scale_missing(model) -> None:
+    swap_class(model.model, UnscaledGemmaModel)
+
+
+def attention_softcap_skipped(model) -> None:
+    for layer in model.layers:
+        layer.self_attn.softcap = None
+
+
+def final_softcap_skipped(model) -> None:
+    model.args = replace(model.args, final_logit_softcapping=None)
+
+
+def window_on_wrong_layers(model) -> None:
+    """Each layer gets its neighbour's window: local layers attend globally and vice versa."""
+    windows = [layer.self_attn.window for layer in model.layers]
+    assert len(set(windows)) > 1, "the model has no local/global alternation to break"
+    for layer, window in zip(model.layers, windows[1:] + windows[:1]):
+        layer.self_attn.window = window  # make_cache reads it: the caches follow
+
+
+def qk_norm_skipped(model) -> None:
+    for layer in model.layers:
+        swap_class(layer.self_attn, NoQKNormAttention)
+
+
+def qkv_bias_dropped(model) -> None:
+    for layer in model.layers:
+        attention = layer.self_attn
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+            proj.bias = mx.zeros_like(proj.bias)
+
+
+def rotary_on_all_dims(model) -> None:
+    for layer in model.layers:
+        attention = layer.self_attn
+        attention.rope = replace(attention.rope, dims=attention.head_dim)
+
+
+def gate_renormalisation_flipped(model) -> None:
+    """Gates renormalised where the config says not to (Qwen2-MoE), or not where it says to."""
+    for module in model.modules():
+        if isinstance(module, moe.SparseMoE):
+            module.normalize = not module.normalize
+
+
+# -- the mutants -----------------------------------------------------------------------------
+
+
+class FamilyEngine(ReferenceEngine):
+    """The reference adapter on a model of its own, loaded fresh and then ``break_model``-ed."""
+
+    name = "family-control"
+    bug = "none"
+    caught_by: tuple[str, ...] = ()
+
+    def load(self, source):
+        model, tokenizer = reference.load(source.name)  # fresh: the bug must not leak
+        self.break_model(model)
+        return model, tokenizer
+
+    def break_model(self, model) -> None:
+        pass
+
+
+def mutant(model: str, bug, caught_by: tuple[str, ...]) -> tuple[str, type[FamilyEngine]]:
+    engine = type(
+        f"{bug.__name__}_{model}",
+        (FamilyEngine,),
+        {
+            "name": f"mutant-{bug.__name__}",
+            "bug": (bug.__doc__ or bug.__name__.replace("_", " ")).strip(),
+            "caught_by": caught_by,
+            "break_model": staticmethod(bug),
+        },
+    )
+    return model, engine
+
+
+# Every bug changes the logits everywhere, so the long prompt catches it; window bugs
+# show only past the 16-token window, which the long prompt and the long batch rows cross.
+MUTANTS = [
+    mutant("dummy-gemma", norm_offset_dropped, (LONG_PROMPT,)),
+    mutant("dummy-gemma3", norm_offset_dropped, (LONG_PROMPT,)),
+    mutant("dummy-gemma", embedding_scale_missing, (LONG_PROMPT,)),
+    mutant("dummy-gemma3", embedding_scale_missing, (LONG_PROMPT,)),
+    mutant("dummy-gemma", attention_softcap_skipped, (LONG_PROMPT,)),
+    mutant("dummy-gemma", final_softcap_skipped, (LONG_PROMPT,)),
+    mutant("dummy-gemma", window_on_wrong_layers, (LONG_PROMPT, BATCH)),
+    mutant("dummy-gemma3", window_on_wrong_layers, (LONG_PROMPT, BATCH)),
+    mutant("dummy-qwen2", window_on_wrong_layers, (LONG_PROMPT, BATCH)),
+    mutant("dummy-qwen3", qk_norm_skipped, (LONG_PROMPT,)),
+    mutant("dummy-moe", qk_norm_skipped, (LONG_PROMPT,)),
+    mutant("dummy-qwen2", qkv_bias_dropped, (LONG_PROMPT,)),
+    mutant("dummy-phi3", rotary_on_all_dims, (LONG_PROMPT,)),
+    mutant("dummy-moe", gate_renormalisation_flipped, (LONG_PROMPT,)),
+    mutant("dummy-mixtral", gate_renormalisation_flipped, (LONG_PROMPT,)),
+    mutant("dummy-qwen2-moe", gate_renormalisation_flipped, (LONG_PROMPT,)),
+]
+
+
+def family_cases(model: str):
+    return select_cases(load_cases(), model)
+
+
+_oracles: dict[str, ReferenceOracle] = {}
+
+
+def oracle_for(model: str) -> ReferenceOracle:
+    if model not in _oracles:
+        _oracles[model] = ReferenceOracle(model)
+    return _oracles[model]
+
+
+def test_every_family_model_is_in_the_model_table_and_the_default_matrix():
+    families = {name for name in DUMMY_MODELS if name not in ("dummy", "dummy-draft")}
+    assert set(FAMILY_MODELS) == families
+    assert set(FAMILY_MODELS) <= set(FLOAT_MODELS) & set(DEFAULT_MODELS)
+    for model in FAMILY_MODELS:
+        assert profile_for_model(model).name == "fp32"
+        ids = {c.id for c in family_cases(model)}
+        assert {LONG_PROMPT, BATCH} <= ids and len(ids) >= 6, model
+
+
+def test_every_family_mutant_has_a_distinct_bug_and_names_cases_that_exist():
+    ids = {c.id for c in load_cases()}
+    assert len(MUTANTS) >= 12
+    assert len({(model, engine.bug) for model, engine in MUTANTS}) == len(MUTANTS)
+    for model, engine in MUTANTS:
+        assert engine.caught_by and set(engine.caught_by) <= ids
+        assert set(engine.caught_by) <= {c.id for c in family_cases(model)}, (model, engine)
+
+
+@pytest.mark.parametrize(("model", "engine"), MUTANTS, ids=[f"{m}-{e.name}" for m, e in MUTANTS])
+def test_every_architecture_bug_is_caught_by_its_case(model, engine):
+    oracle = oracle_for(model)
+    cases = [c for c in family_cases(model) if c.id in engine.caught_by]
+    mutant_engine = engine(ModelSource(model, "builtin"))
+    try:
+        results = run_cases(cases, mutant_engine, oracle, oracle.default_profile())
+    finally:
+        mutant_engine.close()
+    for result in results:
+        assert result.verdict == FAIL, f"{engine.name} on {model} passed {result.case_id}"
+        assert not result.reason.startswith(("catalogue", "timeout")), result.reason
+        assert result.failures(), result.reason  # caught by a comparison, not by a crash
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_the_unbroken_reference_passes_every_family_case(model):
+    oracle = oracle_for(model)
+    engine = FamilyEngine(ModelSource(model, "builtin"))
+    try:
+        results = run_cases(family_cases(model), engine, oracle, oracle.default_profile())
+    finally:
+        engine.close()
+    verdicts = {r.case_id: r.verdict for r in results}
+    assert set(verdicts.values()) == {PASS}, {
+        r.case_id: r.reason or [f.summary for f in r.failures()] for r in results
+    }
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_every_answer_of_the_family_cases_is_well_conditioned(model):
+    """Along every reference answer in the family's golden snapshots (which
+    ``test_snapshots.py`` keeps equal to the live reference), the smallest top-1/top-2
+    margin is at least ``MIN_MARGIN`` nats: 5 times the fp32 tie epsilon."""
+    epsilon = profile_for_model(model).tie_epsilon
+    assert MIN_MARGIN >= 5 * epsilon
+    margins = {}
+    for group in snapshot_groups(GOLDEN_DIR, model):
+        for case_id, case in read_group(GOLDEN_DIR, model, group).cases.items():
+            for n, answer in enumerate(case.answers):
+                if answer.kind == "generate":
+                    margins[case_id, n] = conditioning_of(answer.trace, epsilon).min_margin
+    assert {case_id for case_id, _ in margins} == {c.id for c in family_cases(model)}
+    assert all(m is not None and m >= MIN_MARGIN for m in margins.values()), margins
