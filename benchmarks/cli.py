@@ -66,6 +66,8 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
         "metric still moves by more than 3%% (default: --warmup, no extra rounds)", **kwargs)
     opt("--seed", type=int, help="seed of the blocks' random engine order (default: a random "
         "seed, recorded with the run)", **kwargs)
+    opt("--max-repeats", type=int, help="measure a disturbed block again up to this many "
+        "times (default 2; 0 keeps every block)", **kwargs)
     opt("--target-width", type=fraction, help="--trials auto: stop when every 95%% interval "
         "is narrower than this fraction (default 0.02)", **kwargs)
     opt("--time-budget", type=float, help="stop starting trials after this many seconds",
@@ -79,7 +81,7 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
 RUN_DEFAULTS = {
     "engines": "reference", "model": "dummy", "workloads": "quick", "trials": 5, "warmup": 1,
     "time_budget": None, "no_bandwidth": False, "markdown": None, "db": None,
-    "max_warmup": None, "seed": None, "target_width": 0.02,
+    "max_warmup": None, "seed": None, "target_width": 0.02, "max_repeats": 2,
 }
 
 
@@ -221,6 +223,7 @@ def _design(args) -> dict:
     return {
         "order_seed": args.seed if args.seed is not None else random.randrange(2**31),
         "max_warmup": args.max_warmup, "target_width": args.target_width,
+        "max_repeats": args.max_repeats,
         "auto_budget_s": args.time_budget or runner.RunPlan.auto_budget_s,
     }
 

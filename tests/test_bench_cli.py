@@ -256,3 +256,18 @@ def test_the_plot_shades_each_runs_95_percent_interval_of_the_median(db):
     (band,) = axes.collections
     ys = band.get_paths()[0].vertices[:, 1]
     assert min(ys) == 90.0 and max(ys) == first.ci_high
+
+
+def test_the_measurement_design_is_recorded_with_the_run(db):
+    assert bench("--engines", f"{FAST}:name=a,{FAST}:name=b", "--model", "synthetic",
+                 "--workloads", "prefill-16", "--trials", 3, "--warmup", 0, "--seed", 11,
+                 "--max-repeats", 0, "--no-bandwidth", "--db", db) == 0
+    assert bench("--engines", FAST, "--model", "synthetic", "--workloads", "prefill-16",
+                 "--trials", 1, "--warmup", 0, "--no-bandwidth", "--db", db) == 0
+    with History(db) as store:
+        seeded, unseeded = store.runs()
+        positions = sorted((s.trial, s.settings["trial"]["position"], s.engine)
+                           for s in store.samples([seeded.id]) if s.metric == "prefill_tps")
+    assert seeded.settings["order_seed"] == 11 and seeded.settings["max_repeats"] == 0
+    assert isinstance(unseeded.settings["order_seed"], int)  # drawn, and kept for a re-run
+    assert [p[:2] for p in positions] == [(t, p) for t in (1, 2, 3) for p in (0, 1)]
