@@ -12,6 +12,16 @@ cannot express in its own terms are ``Unsupported`` rather than emulated:
   penalises every earlier token);
 - prefill chunking, bounded KV caches, prompt-cache reuse.
 
+Streamed greedy requests are generated in a worker thread and their events
+yielded as the tokens are chosen (a streamer hands over each token, a last
+logits processor the same processed scores ``output_scores`` would hold), so
+time-to-token measurements mean something; sampled and drafted requests are
+answered after ``generate`` returns (the draft model runs the same processors,
+so scores could not be told apart).
+
+Option ``threads`` (``--engine transformers:threads=2``): PyTorch's thread count,
+set for each call (default ``$LMCONFORM_TORCH_THREADS`` or 1).
+
 Logprobs are the log-softmax of ``output_scores`` (logits after processors)
 in greedy mode. When sampling, transformers' scores already include the
 temperature and the filters, so logprobs come from the raw ``output_logits``
@@ -22,12 +32,21 @@ so sampling together with bias or penalties is ``Unsupported``.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
@@ -63,6 +82,44 @@ class TokenCollector(BaseStreamer):
         return [t for chunk in self.received[1:] for t in chunk]
 
 
+class CaptureScores(LogitsProcessor):
+    """Placed last among the processors: keeps each step's processed scores, the very
+    tensors ``generate`` would return as ``output_scores``."""
+
+    def __init__(self):
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores)
+        return scores
+
+
+class StopWhenCancelled(StoppingCriteria):
+    """Ends a generation whose events nobody reads any more."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool)
+
+
+class QueueStreamer(BaseStreamer):
+    """transformers' streaming hook, handing each new token's ids to another thread."""
+
+    def __init__(self):
+        self.chunks: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.chunks.put(value.reshape(-1).tolist())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.chunks.put(None)
+
+
 class TransformersEngine(Engine):
     name = "transformers"
     model_formats = ("gguf", "hf-float-folder")
@@ -80,11 +137,12 @@ class TransformersEngine(Engine):
         }
     )
 
-    def __init__(self, source):
+    def __init__(self, source, *, threads: int | str | None = None):
         super().__init__(source)
         # Measured on the 2-core machines here: one thread generates 7-10x faster than two
         # (small matrices; threads contend with each other and with MLX's).
-        torch.set_num_threads(int(os.environ.get("LMCONFORM_TORCH_THREADS", "1")))
+        self.threads = int(threads or os.environ.get("LMCONFORM_TORCH_THREADS", "1"))
+        torch.set_num_threads(self.threads)
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # keep the suite's own progress readable
         self.model, self.tokenizer = self._load(source)
@@ -143,6 +201,12 @@ class TransformersEngine(Engine):
             prompt_length = ids.shape[1]
         if request.sampler.seed is not None:
             torch.manual_seed(request.sampler.seed)
+        torch.set_num_threads(self.threads)  # per call: the setting is process-wide
+        if request.stream and request.sampler.greedy and request.draft is None:
+            capture = CaptureScores()
+            tokens = self._generate_in_thread(inputs, options, capture)
+            yield from self._events(tokens, capture.scores, 0, request, ends, streamed=True)
+            return
         with torch.no_grad():
             out = self.model.generate(**inputs, **options, streamer=collector)
         tokens = out.sequences[0, prompt_length:].tolist()
@@ -268,28 +332,52 @@ class TransformersEngine(Engine):
             self._drafts[name] = self._load(source)[0]
         return self._drafts[name]
 
+    def _generate_in_thread(self, inputs, options, capture: CaptureScores) -> Iterator[int]:
+        """``generate`` in a worker thread; yields each new token id as it is chosen."""
+        streamer, cancel = QueueStreamer(), StopWhenCancelled()
+        options = dict(options)
+        criteria = StoppingCriteriaList([*options.pop("stopping_criteria", []), cancel])
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    self.model.generate(
+                        **inputs,
+                        **options,
+                        streamer=streamer,
+                        logits_processor=LogitsProcessorList([capture]),
+                        stopping_criteria=criteria,
+                    )
+            except BaseException as error:  # noqa: BLE001 - raised again in the reader
+                failures.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="transformers-generate", daemon=True)
+        worker.start()
+        try:
+            while (chunk := streamer.chunks.get()) is not None:
+                yield from chunk
+        finally:
+            cancel.cancelled.set()
+            worker.join()
+        if failures:
+            raise failures[0]
+
     def _events(self, tokens, scores, row, request, ends, streamed: bool) -> Iterator[TokenEvent]:
-        """Events for one row of a ``generate`` output, cut at its own end.
+        """Events for one row of a ``generate`` output, cut at its own end, one per token of
+        ``tokens`` as it comes (which may be an iterator fed while generating).
 
         ``scores``: per step, the logits whose log-softmax is the protocol's logprob
         (processed scores when greedy, raw logits when sampling without processors).
         """
-        cut = []
-        for token in tokens:
-            cut.append(int(token))
-            if (
-                cut[-1] in ends
-                or ends_with_any(cut, request.stop_sequences)
-                or len(cut) == request.max_tokens
-            ):
-                break
+        cut: list[int] = []
         emitted = ""
-        for step, token in enumerate(cut):
-            last = step == len(cut) - 1
-            finish = None
-            if last:
-                stopped = token in ends or ends_with_any(cut, request.stop_sequences)
-                finish = "stop" if stopped else "length"
+        for step, token in enumerate(tokens):
+            cut.append(int(token))
+            stopped = cut[-1] in ends or ends_with_any(cut, request.stop_sequences)
+            last = stopped or len(cut) == request.max_tokens
+            finish = ("stop" if stopped else "length") if last else None
             # Text: streaming, the stable part of the decoded prefix; otherwise all at the end.
             if streamed or last:
                 shown = cut[: step + 1]
@@ -311,3 +399,5 @@ class TransformersEngine(Engine):
                 text=piece,
                 finish_reason=finish,
             )
+            if last:
+                return
