@@ -4,13 +4,16 @@ Sub-commands (``run`` is the default)::
 
     lmconform bench [run] --engines reference,mlx-lm,transformers --model dummy \\
                           --workloads quick --trials 5
+    lmconform bench --engines a,a:slowdown=0.03:name=b --trials auto --time-budget 120
     lmconform bench show [RUN]                 # the results table of a stored run
-    lmconform bench compare [BASE] [HEAD]      # exit 1 when something regressed
+    lmconform bench show --changes             # the runs where a measurement stepped
+    lmconform bench compare [BASE] [HEAD]      # effect + 95% CI; exit 1 when regressed
+    lmconform bench compare --ab A,B [RUN]     # engine B against A, paired by block
     lmconform bench plot --metric decode_tps --out decode.png
     lmconform bench ingest results.json        # pytest-benchmark --benchmark-json output
 
-Runs are named by id, ``latest``, ``previous`` or a commit prefix. Every command
-takes ``--db`` (default ``.lmconform/history.sqlite``); ``show``, ``compare`` and
+Runs are named by id, ``latest``, ``previous`` or a commit prefix. ``show`` and
+``compare`` take ``--format table|json|csv``. Every command takes ``--db`` (default ``.lmconform/history.sqlite``); ``show``, ``compare`` and
 ``plot`` open it read-only.
 
 Exit status: 0 ok; 1 a regression was found (``compare``) or an engine failed
