@@ -293,6 +293,13 @@ def test_checking_against_snapshots_gives_the_live_verdicts_for_each_mutant(muta
         mx.random.seed(0)
         replayed = run_case(case, mutant(ModelSource("dummy", "builtin")), golden, profile)
         assert expected.verdict == "fail"
+        if case_id == "resumption/near_tie":
+            # Its bug shows only after a near-tie, on the engine's own path, which the
+            # snapshots cannot score: the replay stops at the near-tie and counts what it
+            # left unjudged (PROTOCOL.md, rule J4).
+            assert replayed.verdict == "near-tie", replayed.findings
+            assert [f.unjudged_steps for f in replayed.findings] == [10]
+            continue
         assert outcome(replayed) == outcome(expected), case_id
 
 
