@@ -16,7 +16,7 @@ from conformance.catalogue import (
     select_cases,
 )
 from conformance.checks import CHECKS
-from engines.models import BUILTIN_MODELS
+from engines.models import BUILTIN_MODELS, FAMILY_MODELS
 from engines.protocol import CAPABILITIES
 
 
@@ -48,7 +48,7 @@ def test_every_case_is_well_formed():
         assert case.kind in KINDS and case.about and "/" in case.id
         assert set(case.models) <= set(BUILTIN_MODELS)
     models = {m for c in cases for m in c.models}
-    assert models == {"dummy", "smollm2-135m"}
+    assert models == {"dummy", *FAMILY_MODELS, "smollm2-135m"}
 
 
 def dummy_cases():

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 
 from conformance import runner
 from engines import registry
+from engines.models import FAMILY_MODELS
 from lmconform.cli import main
 
 
@@ -97,7 +98,9 @@ def test_without_arguments_the_default_matrix_runs_reference_and_installed_peers
     monkeypatch.setattr(registry, "installed_peers", lambda: ["mlx-lm"])
     assert main(["check"]) == 2  # nothing was checked (the fake ran no case): not a success
     assert "no case was checked" in capsys.readouterr().err
-    assert seen == {"engines": ["reference", "mlx-lm"], "models": ["dummy", "smollm2-135m"]}
+    # dummy, the tiny model of every other family, then the real model
+    models = ["dummy", *FAMILY_MODELS, "smollm2-135m"]
+    assert seen == {"engines": ["reference", "mlx-lm"], "models": models}
 
 
 def test_list_shows_the_selected_cases(capsys):
