@@ -66,6 +66,19 @@ def test_exports_are_redone_when_the_reference_changes(monkeypatch, tmp_path):
     ]  # no staging left
 
 
+
+def test_the_export_fingerprint_covers_the_families_in_subpackages(monkeypatch, tmp_path):
+    # The families live in reference/models/: a change there must redo cached exports.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "loading.py").write_text("top level")
+    family = tmp_path / "models" / "gemma.py"
+    family.write_text("norm = 1 + weight")
+    spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
+    monkeypatch.setattr(model_sources.importlib.util, "find_spec", lambda name: spec)
+    before = model_sources.reference_fingerprint()
+    family.write_text("norm = weight")
+    assert model_sources.reference_fingerprint() != before
+
 def test_event_from_logprobs_checks_the_vector_and_ranks_the_top():
     vector = np.log(np.array([0.1, 0.6, 0.3]))
     event = event_from_logprobs(2, vector, 3, 2, text="x")
