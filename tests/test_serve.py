@@ -165,3 +165,25 @@ def test_serve_rejects_invalid_requests_with_400(served_dummy):
             post(served_dummy + "/completions", body)
         assert caught.value.code == 400, body
         assert json.loads(caught.value.read())["error"]["message"], body
+
+
+def test_chat_prompts_go_through_the_servers_chat_template_with_chat_1(served_dummy):
+    """With ``chat=1`` a templated prompt is sent as a message to /chat/completions, and the
+    server's template must rebuild exactly the reference's tokens for the case to pass."""
+    from conformance.catalogue import load_cases
+    from conformance.oracle import ReferenceOracle
+    from conformance.profiles import profile_for_model
+    from conformance.runner import run_case
+    from engines.registry import open_engine
+
+    engine = open_engine(f"openai:{served_dummy}:chat=1", "dummy")
+    oracle = ReferenceOracle("dummy")
+    try:
+        message = "What is the capital of France?"
+        assert engine.chat_message(oracle.encode_chat(message)) == message
+        assert engine.chat_message(oracle.encode("plain text")) is None
+        case = next(c for c in load_cases() if c.id == "greedy/chat")
+        assert run_case(case, engine, oracle, profile_for_model("dummy")).verdict == PASS
+    finally:
+        engine.close()
+        oracle.close()
