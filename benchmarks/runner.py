@@ -396,7 +396,7 @@ def interval_widths(collected: dict[str, dict[int, float]]) -> dict[str, float]:
         if len(trials) < 2 or any(base[t] <= 0 or collected[name][t] <= 0 for t in trials):
             widths[name] = float("inf")
             continue
-        interval, _ = shift_interval([base[t] for t in trials],
+        interval = shift_interval([base[t] for t in trials],
                                      [collected[name][t] for t in trials], 0.05, paired=True)
         widths[name] = interval.high - interval.low
     return widths

@@ -169,15 +169,13 @@ def rank_test_p(base: list[float], head: list[float], paired: bool) -> float:
     return _two_sided(distance / math.sqrt(variance))
 
 
-def shift_interval(
-    base: list[float], head: list[float], alpha: float, paired: bool
-) -> tuple[Interval, float]:
-    """The shift as an ``Interval`` of relative changes on the log scale, and the scale.
+def shift_interval(base: list[float], head: list[float], alpha: float, paired: bool) -> Interval:
+    """The shift of ``head`` over ``base`` as an ``Interval`` on the log scale.
 
     Timings and rates are positive, and their changes are ratios, so the shift is
     taken between logarithms. A metric that can be zero or negative (an acceptance
-    rate of 0) is shifted on its own scale and divided by the base median instead;
-    the returned ``scale`` is that median (1.0 on the log scale).
+    rate of 0) is shifted on its own scale, divided by the base median, and then
+    expressed as ``log(1 + relative shift)`` so that ``relative()`` reads the same.
     """
     b, h = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
     if (b > 0).all() and (h > 0).all():
@@ -192,7 +190,7 @@ def shift_interval(
     if scale != 1.0:  # back to log form, so that relative() reads the same for both
         interval = Interval(*(math.log1p(max(x, -1 + 1e-12)) if math.isfinite(x) else x
                               for x in (interval.estimate, interval.low, interval.high)))
-    return interval, scale
+    return interval
 
 
 def compare_samples(
@@ -231,7 +229,7 @@ def compare_samples(
         return Verdict(UNCHANGED, change=0.0, p_value=1.0, low=0.0, high=0.0, mde=0.0,
                        note="all samples identical", **common)
 
-    interval, _ = shift_interval(base, head, alpha, paired)
+    interval = shift_interval(base, head, alpha, paired)
     change, low, high = interval.relative()
     verdict = Verdict(UNCHANGED, change=change, p_value=rank_test_p(base, head, paired), low=low,
                       high=high, mde=minimum_detectable_effect(interval, alpha), **common)
