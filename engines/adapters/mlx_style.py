@@ -127,8 +127,6 @@ class MlxStyleEngine(Engine):
 
         Text is not streamed: a row's last event carries the row's whole text.
         """
-        if not hasattr(self.api, "BatchGenerator"):
-            raise Unsupported(f"{self.name} has no BatchGenerator")
         rows = [row.request for row in request.rows]
         for r in rows:
             if r.draft or r.prompt_embeddings is not None:

@@ -20,24 +20,17 @@ from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
 class ReferenceEngine(MlxStyleEngine):
     name = "reference"
     model_formats = ("builtin",)
-    # Batching comes with reference.BatchGenerator; until then the capability is not claimed.
-    capabilities = ALL_BUT_BATCH | ({"batch"} if hasattr(reference, "BatchGenerator") else set())
+    capabilities = ALL_BUT_BATCH | {"batch"}
     api = SimpleNamespace(
-        **{
-            name: getattr(reference, name)
-            for name in (
-                "stream_generate",
-                "generate_step",
-                "speculative_generate_step",
-                "make_sampler",
-                "make_logits_processors",
-                "make_prompt_cache",
-                "trim_prompt_cache",
-                "can_trim_prompt_cache",
-                "BatchGenerator",
-            )
-            if hasattr(reference, name)
-        }
+        stream_generate=reference.stream_generate,
+        generate_step=reference.generate_step,
+        speculative_generate_step=reference.speculative_generate_step,
+        BatchGenerator=reference.BatchGenerator,
+        make_sampler=reference.make_sampler,
+        make_logits_processors=reference.make_logits_processors,
+        make_prompt_cache=reference.make_prompt_cache,
+        trim_prompt_cache=reference.trim_prompt_cache,
+        can_trim_prompt_cache=reference.can_trim_prompt_cache,
     )
 
     def load(self, source):
