@@ -54,6 +54,11 @@ class Engine(ABC):
     def score(self, request: ScoreRequest) -> list[TokenEvent]:
         raise Unsupported(f"{self.name} does not score continuations")
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and progress lines; ``name`` stays the full identity."""
+        return self.name
+
     def describe(self) -> dict[str, Any]:
         """Engine name, version and model, for reports."""
         return {"engine": self.name, "model": self.source.describe()}

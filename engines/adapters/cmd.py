@@ -245,6 +245,11 @@ class CmdEngine(Engine):
             raise
         return trace.events
 
+    @property
+    def label(self) -> str:
+        # ``name`` is the whole command line (``cmd:...``); the hello names the engine for people.
+        return self.hello.engine if self.hello else self.name
+
     def describe(self) -> dict[str, Any]:
         hello = self.hello
         return {
