@@ -19,14 +19,16 @@ the shared classes, so the reference that judges them stays correct.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import reference
-from conformance.catalogue import load_cases, select_cases
-from conformance.comparator import FAIL, PASS
+from conformance.catalogue import build_request, load_cases, select_cases
+from conformance.comparator import FAIL, PASS, compare_traces
 from conformance.conditioning import conditioning_of
 from conformance.oracle import ReferenceOracle
 from conformance.profiles import profile_for_model
@@ -34,11 +36,13 @@ from conformance.runner import run_cases
 from conformance.snapshots.store import GOLDEN_DIR, read_group, snapshot_groups
 from engines.adapters.reference import ReferenceEngine
 from engines.models import DEFAULT_MODELS, FAMILY_MODELS, FLOAT_MODELS, ModelSource
+from engines.protocol import Trace
 from reference.dummy import DUMMY_MODELS
 from reference.models import gemma, llama, moe, qwen
 
 LONG_PROMPT = "greedy/family_long_prompt"
 BATCH = "batch/family_rows"
+EMBEDDINGS = "embeddings/family_from_tokens"
 # The reference's greedy margins along every answer of the family cases stay at least
 # this far above the fp32 tie epsilon (0.01), so no correct engine meets a near-tie.
 MIN_MARGIN = 0.05
@@ -257,14 +261,17 @@ def test_every_answer_of_the_family_cases_is_well_conditioned(model):
 # so wherever a path goes past the 16-token window it differs; its bounded cache
 # (max_kv_size 12, smaller than the window, in every layer) agrees. On gemma2 its batch
 # generation also crashes: the soft-capped attention cannot broadcast the batch mask.
+# Its gemma2, phi3 and qwen2_moe models take no input embeddings (unsupported).
 WINDOW_CASES = {
     LONG_PROMPT,
     BATCH,
+    EMBEDDINGS,
     "prompt_cache/family_continuation",
     "speculative/family_self_draft",
     "stream/family_equals_nonstream",
 }
-MLX_LM_FAILS = {"dummy-qwen2": WINDOW_CASES, "dummy-gemma": WINDOW_CASES}
+MLX_LM_FAILS = {"dummy-qwen2": WINDOW_CASES, "dummy-gemma": WINDOW_CASES - {EMBEDDINGS}}
+MLX_LM_NO_EMBEDDINGS = ("dummy-gemma", "dummy-phi3", "dummy-qwen2-moe")
 
 
 def drop_windows(model) -> None:
@@ -286,11 +293,13 @@ def test_mlx_lm_fails_only_where_it_lacks_the_sliding_window(model):
     engine = open_engine("mlx-lm", model)
     try:
         live = run_cases(family_cases(model), engine, oracle_for(model), profile_for_model(model))
-        failed = {r.case_id for r in live if r.verdict == FAIL}
-        assert failed == MLX_LM_FAILS.get(model, set())
-        if not failed:
+        verdicts = {r.case_id: r.verdict for r in live}
+        assert {c for c, v in verdicts.items() if v == FAIL} == MLX_LM_FAILS.get(model, set())
+        unsupported = {EMBEDDINGS} if model in MLX_LM_NO_EMBEDDINGS else set()
+        assert {c for c, v in verdicts.items() if v == "unsupported"} == unsupported
+        if model not in MLX_LM_FAILS:
             return
-        # The explanation, checked: against the reference without windows only the gemma2
+        # The explanation, checked: against the reference without windows only gemma2's
         # batch crash remains.
         windowless = ReferenceOracle(
             model, engine=WindowlessReference(ModelSource(model, "builtin"))
@@ -303,3 +312,44 @@ def test_mlx_lm_fails_only_where_it_lacks_the_sliding_window(model):
         assert set(still) == {BATCH} and "broadcast_shapes" in still[BATCH], still
     else:
         assert still == {}
+
+
+# -- transformers on the families: every fail explained --------------------------------------
+
+# transformers 5's Gemma 2 and Gemma 3 take ``inputs_embeds`` as already multiplied by
+# sqrt(hidden_size); the protocol's embeddings (like mlx-lm's and the reference's) are the
+# embedding matrix's rows, scaled by the model. Bounded caches and prompt-cache reuse
+# cannot be expressed through its generation API (unsupported, not failed).
+TRANSFORMERS_FAILS = {"dummy-gemma": {EMBEDDINGS}, "dummy-gemma3": {EMBEDDINGS}}
+TRANSFORMERS_UNSUPPORTED = {
+    "sliding_window/family_decode_rotation",
+    "prompt_cache/family_continuation",
+}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_transformers_fails_only_on_gemmas_pre_scaled_embeddings(model):
+    from engines.registry import open_engine
+
+    oracle, profile = oracle_for(model), profile_for_model(model)
+    engine = open_engine("transformers", model)
+    try:
+        results = run_cases(family_cases(model), engine, oracle, profile)
+        verdicts = {r.case_id: r.verdict for r in results}
+        assert {c for c, v in verdicts.items() if v == FAIL} == TRANSFORMERS_FAILS.get(model, set())
+        assert {c for c, v in verdicts.items() if v == "unsupported"} == TRANSFORMERS_UNSUPPORTED
+        if model not in TRANSFORMERS_FAILS:
+            return
+        # The explanation, checked: the rows multiplied by sqrt(hidden_size) (8: exact in
+        # float32) give transformers the reference's answer to the unscaled rows.
+        case = next(c for c in family_cases(model) if c.id == EMBEDDINGS)
+        rows = build_request({**case.request, **case.params["variants"][0]}, oracle)
+        scale = math.sqrt(len(rows.prompt_embeddings[0]))
+        scaled = replace(
+            rows, prompt_embeddings=(np.array(rows.prompt_embeddings) * scale).tolist()
+        )
+        answer = Trace(list(engine.generate(replace(scaled, top_logprobs=5))))
+    finally:
+        engine.close()
+    assert compare_traces(oracle.answer(rows), answer, profile, oracle.decode).verdict == PASS

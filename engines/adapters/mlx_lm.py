@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import mlx_lm
 from mlx_lm import sample_utils
 from mlx_lm.models import cache as mlx_cache
+from mlx_lm.utils import does_model_support_input_embeddings
 
 from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
 from engines.models import resolve
+from engines.protocol import Unsupported
 
 # The module, not the function of the same name that mlx_lm's __init__ exports.
 mlx_generate = importlib.import_module("mlx_lm.generate")
@@ -37,6 +39,15 @@ class MlxLmEngine(MlxStyleEngine):
 
     def load_draft(self, name: str):
         return mlx_lm.load(str(resolve(name, self.model_formats).path))[0]
+
+    def generate(self, request):
+        # Some of mlx-lm's model families (gemma2, phi3, qwen2_moe in 0.32.2) take no input
+        # embeddings: a limit of the model, so the case is unsupported rather than failed.
+        if request.prompt_embeddings is not None and not does_model_support_input_embeddings(
+            self.model
+        ):
+            raise Unsupported(f"mlx-lm's {self.model.model_type} model takes no input embeddings")
+        return super().generate(request)
 
     def rotating_cache(self, max_kv_size: int) -> list:
         # mlx-lm's make_prompt_cache ignores max_kv_size for models that have their own
