@@ -112,10 +112,43 @@ def test_min_tokens_to_keep_overrides_min_p(keep, expected):
     assert kept(apply_min_p(logprobs_of(PROBS), 0.9, keep)) == expected
 
 
-@pytest.mark.parametrize("min_p, keep", [(-0.1, 1), (1.1, 1), (0.5, 0)])
-def test_min_p_settings_outside_their_range_are_refused(min_p, keep):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "min_p, keep, message",
+    [
+        (-0.1, 1, r"min_p must be in \[0, 1\]"),
+        (1.1, 1, r"min_p must be in \[0, 1\]"),
+        (0.5, 0, "min_tokens_to_keep must be a positive integer"),
+    ],
+)
+def test_min_p_settings_outside_their_range_are_refused(min_p, keep, message):
+    with pytest.raises(ValueError, match=message):
         apply_min_p(logprobs_of(PROBS), min_p, keep)
+
+
+# -- a batch of rows: every filter works row by row -----------------------------------------
+
+ROWS = [[0.1, 0.5, 0.15, 0.25], [0.4, 0.05, 0.3, 0.25]]
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        lambda x: apply_top_k(x, 2),
+        lambda x: apply_top_p(x, 0.6),
+        lambda x: apply_min_p(x, 0.7),
+        lambda x: apply_min_p(x, 0.9, 2),
+    ],
+    ids=["top_k", "top_p", "min_p", "min_tokens_to_keep"],
+)
+def test_filters_on_a_batch_equal_filters_on_each_row(apply):
+    # A batch generator samples (rows, vocab) at once: sorting, sums, maxima and
+    # partitions must run along the vocabulary, never across rows. (axis=+1 for -1 is
+    # equivalent here: logprobs are always two-dimensional.)
+    batch = np.array(apply(mx.log(mx.array(ROWS, dtype=mx.float32))))
+    for i, row in enumerate(ROWS):
+        alone = np.array(apply(logprobs_of(row)))
+        assert batch.shape == (2, 4)
+        np.testing.assert_array_equal(batch[i : i + 1], alone)
 
 
 # -- make_sampler: temperature, disabled filters --------------------------------------------
@@ -148,10 +181,41 @@ def test_top_p_of_0_or_1_disables_the_filter(top_p):
     assert set(sampled) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("settings", [{"top_p": -0.1}, {"top_p": 1.1}, {"top_k": -1}])
-def test_sampler_settings_outside_their_range_are_refused(settings):
-    with pytest.raises(ValueError):
-        make_sampler(temp=1.0, **settings)
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"top_p": -0.1}, r"top_p must be in \[0, 1\], got -0.1"),
+        ({"top_p": 1.1}, r"top_p must be in \[0, 1\], got 1.1"),
+        ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
+        ({"min_p": -0.5}, r"min_p must be in \[0, 1\]"),
+        ({"temp": math.nan}, "temp must be a finite number >= 0, got nan"),
+        ({"temp": math.inf}, "temp must be a finite number >= 0"),
+        ({"temp": "0.5"}, "temp must be"),
+        ({"top_p": True}, "top_p must be"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": 2.0}, "top_k must be an integer >= 0"),
+        ({"top_k": True}, "top_k must be an integer >= 0"),
+        ({"min_tokens_to_keep": 0}, "min_tokens_to_keep must be a positive integer"),
+        ({"min_tokens_to_keep": 1.0}, "min_tokens_to_keep must be a positive integer"),
+    ],
+)
+def test_sampler_settings_outside_their_range_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_sampler(**{"temp": 1.0, **settings})
+
+
+def test_sampler_settings_at_the_ends_of_their_range_are_accepted():
+    # min_p 1 keeps only the top token; top_p 1 disables its filter; temp 0 is greedy.
+    sampler = make_sampler(temp=1.0, min_p=1.0, top_p=1.0)
+    assert set(draws(sampler, logprobs_of(PROBS), n=16)) == {1}
+    assert set(draws(make_sampler(temp=0.0, top_p=0.0, min_p=0.0), logprobs_of(PROBS))) == {1}
+
+
+def test_top_k_must_be_below_the_vocabulary_when_generation_starts():
+    sampler = make_sampler(temp=1.0, top_k=4)
+    with pytest.raises(ValueError, match="top_k must be below the vocabulary size 4, got 4"):
+        sampler.check_vocabulary(4)
+    sampler.check_vocabulary(5)
 
 
 def test_the_sampler_applies_every_filter():
