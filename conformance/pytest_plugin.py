@@ -1,14 +1,18 @@
-"""pytest plugin: ``pytest --pyargs conformance --engine E --model M`` runs the catalogue.
+"""pytest plugin: ``pytest --pyargs conformance --lmconform-engine E`` runs the catalogue.
 
 Registered as a ``pytest11`` entry point, so pytest loads it in *every* run
 of every project in the environment. It therefore imports nothing but
-pytest at load time, and does nothing but add its options unless
-``--engine`` is given: only then is the catalogue test in this package
-collected (one test per engine, model and case).
+pytest at load time, namespaces every option (``--lmconform-...``, held in
+the ``OPTION_*`` constants) so that it cannot clash with another plugin's,
+and does nothing but add its options unless ``--lmconform-engine`` is given:
+only then is the catalogue test in this package collected (one test per
+engine, model and case).
 
 Verdicts are the CLI's (both call ``runner.run_case``): pass and near-tie
-pass (a near-tie is recorded as a user property and printed), fail fails
-with the diagnostic, unsupported and unavailable engines skip with the reason.
+pass, fail fails with the diagnostic, unsupported and unavailable engines
+skip with the reason. A near-tie is recorded as the test's ``verdict`` user
+property and as a report section, and listed with its diagnostic in the
+terminal summary (``pytest_terminal_summary``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,22 @@ import pytest
 DEFAULT_MODELS = ("dummy", "smollm2-135m")
 CATALOGUE_TEST = Path(__file__).with_name("test_catalogue.py")
 
+OPTION_ENGINE = "--lmconform-engine"
+OPTION_MODEL = "--lmconform-model"
+OPTION_CASES = "--lmconform-cases"
+OPTION_PROFILE = "--lmconform-profile"
+OPTION_AGAINST = "--lmconform-against"
+OPTION_TIMEOUT = "--lmconform-timeout"
+NEAR_TIE_SECTION = "lmconform near-tie"
+
+# Near-ties found in this session, (test id, diagnostic), for the terminal summary.
+near_ties_key = pytest.StashKey[list]()
+
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("lmconform", "lmconform conformance suite")
     group.addoption(
-        "--engine",
+        OPTION_ENGINE,
         action="append",
         default=None,
         help="engine to validate: reference, mlx-lm, transformers, module:Class or "
@@ -32,28 +47,34 @@ def pytest_addoption(parser) -> None:
         "`pytest --pyargs conformance`",
     )
     group.addoption(
-        "--model",
+        OPTION_MODEL,
         action="append",
         default=None,
         help=f"model for the conformance tests (repeatable; default: {', '.join(DEFAULT_MODELS)})",
     )
     group.addoption(
-        "--cases", default=None, help="conformance case ids: substrings or globs, comma-separated"
+        OPTION_CASES, default=None, help="conformance case ids: substrings or globs, comma-separated"
     )
-    group.addoption("--profile", default=None, help="precision profile (default: per model)")
     group.addoption(
-        "--against",
+        OPTION_PROFILE, default=None, help="conformance precision profile (default: per model)"
+    )
+    group.addoption(
+        OPTION_AGAINST,
         default="reference",
         help="compare with: reference (live; default), snapshots (the committed golden "
         "outputs; no MLX needed) or a folder written by `lmconform snapshot`",
     )
     group.addoption(
-        "--case-timeout", type=float, default=600.0, help="time limit per conformance case (s)"
+        OPTION_TIMEOUT, type=float, default=600.0, help="time limit per conformance case (s)"
     )
 
 
+def pytest_configure(config) -> None:
+    config.stash[near_ties_key] = []
+
+
 def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
-    if config.getoption("engine") is None and Path(collection_path) == CATALOGUE_TEST:
+    if config.getoption(OPTION_ENGINE) is None and Path(collection_path) == CATALOGUE_TEST:
         return True
     return None
 
@@ -64,16 +85,28 @@ def pytest_generate_tests(metafunc) -> None:
     from conformance.catalogue import load_cases, select_cases
 
     config = metafunc.config
-    engines = config.getoption("engine") or ["reference"]
-    models = config.getoption("model") or list(DEFAULT_MODELS)
+    engines = config.getoption(OPTION_ENGINE) or ["reference"]
+    models = config.getoption(OPTION_MODEL) or list(DEFAULT_MODELS)
     catalogue = load_cases()
     params, ids = [], []
     for model in models:
         for engine in engines:
-            for case in select_cases(catalogue, model, config.getoption("cases")):
+            for case in select_cases(catalogue, model, config.getoption(OPTION_CASES)):
                 params.append((engine, model, case))
                 ids.append(f"{engine}@{model}:{case.id}")
     metafunc.parametrize("conformance_case", params, ids=ids)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Near-ties pass, so pytest would say nothing of them: list them with their diagnostic."""
+    near_ties = config.stash.get(near_ties_key, [])
+    if not near_ties:
+        return
+    terminalreporter.section(f"lmconform: {len(near_ties)} near-tie(s) (passed)")
+    for test_id, diagnostic in near_ties:
+        terminalreporter.write_line(test_id)
+        for line in diagnostic.splitlines():
+            terminalreporter.write_line("  " + line)
 
 
 class ConformanceSession:
@@ -91,7 +124,7 @@ class ConformanceSession:
 
         if model not in self.oracles:
             try:
-                self.oracles[model] = open_oracle(model, self.config.getoption("against"))
+                self.oracles[model] = open_oracle(model, self.config.getoption(OPTION_AGAINST))
             except SnapshotError as error:
                 self.oracles[model] = str(error)
         return self.oracles[model]
@@ -133,6 +166,8 @@ def conformance_session(request):
 @pytest.fixture
 def conformance_result(conformance_case, conformance_session, request):
     """Runs the case (skipping when the engine is unavailable); ``judge`` gives the outcome."""
+    from conformance.comparator import NEAR_TIE
+    from conformance.report import format_problems
     from conformance.runner import not_covered, run_case
 
     spec, model, case = conformance_case
@@ -143,15 +178,20 @@ def conformance_result(conformance_case, conformance_session, request):
     uncovered = not_covered(oracle, [case])
     if uncovered:
         pytest.skip(uncovered[case.id])
-    profile = oracle.default_profile(request.config.getoption("profile"))
-    result = run_case(case, engine, oracle, profile, request.config.getoption("case_timeout"))
+    config = request.config
+    profile = oracle.default_profile(config.getoption(OPTION_PROFILE))
+    result = run_case(case, engine, oracle, profile, config.getoption(OPTION_TIMEOUT))
     request.node.user_properties.append(("verdict", result.verdict))
+    if result.verdict == NEAR_TIE:
+        diagnostic = format_problems([result])
+        request.node.add_report_section("call", NEAR_TIE_SECTION, diagnostic)
+        config.stash[near_ties_key].append((request.node.nodeid, diagnostic))
     return result
 
 
 def judge(result) -> None:
     """The pytest outcome of a case result: the same verdict the CLI prints."""
-    from conformance.comparator import FAIL, NEAR_TIE
+    from conformance.comparator import FAIL
     from conformance.report import format_problems
     from conformance.runner import UNSUPPORTED
 
@@ -159,5 +199,3 @@ def judge(result) -> None:
         pytest.skip(result.reason)
     if result.verdict == FAIL:
         pytest.fail(format_problems([result]), pytrace=False)
-    if result.verdict == NEAR_TIE:
-        print(format_problems([result]))

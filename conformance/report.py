@@ -1,9 +1,13 @@
 r"""Reports of a conformance run: terminal matrix, JSON, Markdown, JUnit XML.
 
-All four are views of the same list of ``CaseResult``s. The matrix has one
-row per case and one column per engine and model; a cell is pass, near-tie,
-FAIL, unsupported, skipped (engine not installed) or blank (the case does
-not run on that model). Markdown adds, for every fail and near-tie, the full
+All four are views of the same list of ``CaseResult``s. The terminal matrix
+is one table per model, a row per case and a column per engine, cut into
+several tables where the engines would not fit ``MATRIX_WIDTH`` columns; a
+cell is pass, near-tie, FAIL, unsupported or skipped (engine not installed),
+and a legend below says so. Engines are shown by their short label (a ``cmd:``
+engine by the name its hello gives); reports that are data (JSON, JUnit)
+keep the full spec. Markdown has one table for all models (blank: the case
+does not run on that model) and, for every fail and near-tie, the full
 diagnostic; JSON holds everything, diagnostics as structured data.
 
 Engines print whatever they like (their stderr tail ends up in diagnostics),
@@ -23,6 +27,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,20 @@ def write_atomically(path: str | Path, text: str) -> None:
         raise
 
 
+MATRIX_WIDTH = 100  # terminal columns the matrix fits in (engines beyond go to another table)
+GAP = "  "
+LEGEND = (
+    "pass: agrees with the reference; near-tie: passes, parted from it where the reference's\n"
+    "top two tokens are closer than the profile's epsilon; FAIL: disagrees (diagnostics below);\n"
+    "unsupported: the engine lacks a capability the case needs; skipped: the engine (or the\n"
+    "case's snapshot) is not available"
+)
+LEGEND_STAR = "*: ill-conditioned case (the reference's own margin is under the epsilon; see below)"
+LEGEND_BLANK = (
+    "blank: no result (the case is not in that model's catalogue, or the run stopped first)"
+)
+
+
 def columns(results: list[CaseResult]) -> list[tuple[str, str]]:
     """(engine, model) pairs in the order they were run."""
     seen: dict[tuple[str, str], None] = {}
@@ -89,87 +108,162 @@ def any_failed(results: list[CaseResult]) -> bool:
     return any(r.verdict == FAIL for r in results)
 
 
+def engine_labels(results: list[CaseResult]) -> dict[str, str]:
+    """Each engine's short name for tables, by its full spec; equal names get ``#2``, ``#3``.
+
+    A ``cmd:`` engine's spec is its whole command line; its label is the name its
+    hello gives (``CaseResult.label``).
+    """
+    labels: dict[str, str] = {}
+    for r in results:
+        if r.engine not in labels:
+            label, n = r.engine_label, 1
+            while label in labels.values():
+                n += 1
+                label = f"{r.engine_label}#{n}"
+            labels[r.engine] = label
+    return labels
+
+
+def _cell(r: CaseResult | None) -> str:
+    return "" if r is None else CELL[r.verdict] + ("*" if r.ill_conditioned else "")
+
+
 def _grid(results: list[CaseResult]) -> tuple[list[str], list[list[str]]]:
+    """One row per case, one column per (engine, model): the Markdown report's matrix."""
     cols = columns(results)
+    labels = engine_labels(results)
     index = {(r.case_id, r.engine, r.model): r for r in results}
-    header = ["case", *[f"{engine} @ {model}" for engine, model in cols]]
-    rows = []
-    for case_id in case_rows(results):
-        cells = []
-        for engine, model in cols:
-            r = index.get((case_id, engine, model))
-            cells.append("" if r is None else CELL[r.verdict] + ("*" if r.ill_conditioned else ""))
-        rows.append([case_id, *cells])
+    header = ["case", *[f"{labels[engine]} @ {model}" for engine, model in cols]]
+    rows = [
+        [case_id, *[_cell(index.get((case_id, e, m))) for e, m in cols]]
+        for case_id in case_rows(results)
+    ]
     return header, rows
 
 
 def format_matrix(results: list[CaseResult]) -> str:
-    """The matrix as aligned plain text, with totals per column and footnotes."""
-    header, rows = _grid(results)
-    cols = columns(results)
-    totals = ["totals"] + [
-        _totals_text([r for r in results if (r.engine, r.model) == c]) for c in cols
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows, totals]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])]
-    out += [line(row) for row in rows]
-    out += [line(["-" * w for w in widths]), line(totals)]
-    out += _footnotes(results)
+    """The matrix as aligned plain text: one table per model (cases x engines), each with
+    its precision profile and a count of each verdict per engine, then the legend."""
+    labels = engine_labels(results)
+    out: list[str] = []
+    for model in dict.fromkeys(r.model for r in results):
+        of_model = [r for r in results if r.model == model]
+        engines = list(dict.fromkeys(r.engine for r in of_model))
+        if out:
+            out.append("")
+        out.append(f"{model} ({'; '.join(_profiles_used(of_model))})")
+        for part in _fitting(of_model, engines, labels):
+            out += _model_table(of_model, part, labels)
+    out += _legend(results, blanks=_missing_per_model(results))
     return "\n".join(out)
 
 
-def _totals_text(results: list[CaseResult]) -> str:
-    c = counts(results)
-    parts = [f"{c[PASS]} pass"]
-    if c[NEAR_TIE]:
-        parts.append(f"{c[NEAR_TIE]} tie")
-    if c[FAIL]:
-        parts.append(f"{c[FAIL]} FAIL")
-    if c[UNSUPPORTED]:
-        parts.append(f"{c[UNSUPPORTED]} unsup")
-    if c[SKIPPED]:
-        parts.append(f"{c[SKIPPED]} skip")
-    return ", ".join(parts)
+def _fitting(results: list[CaseResult], engines: list[str], labels: dict[str, str]):
+    """``engines`` in consecutive groups whose table fits ``MATRIX_WIDTH`` columns."""
+    first = max(len("case"), *(len(r.case_id) for r in results))
+    groups: list[list[str]] = [[]]
+    width = first
+    for engine in engines:
+        column = len(GAP) + max(len(labels[engine]), len("unsupported"), len("near-tie*"))
+        if groups[-1] and width + column > MATRIX_WIDTH:
+            groups.append([])
+            width = first
+        groups[-1].append(engine)
+        width += column
+    return groups
 
 
-def _footnotes(results: list[CaseResult]) -> list[str]:
-    notes = ["", "precision profiles: " + "; ".join(_profiles_used(results))]
+def _model_table(results: list[CaseResult], engines: list[str], labels) -> list[str]:
+    """Cases x ``engines`` for one model, then a row per verdict that occurs: its counts."""
+    index = {(r.case_id, r.engine): r for r in results}
+    header = ["case", *[labels[e] for e in engines]]
+    rows = [
+        [case_id, *[_cell(index.get((case_id, e))) for e in engines]]
+        for case_id in case_rows(results)
+    ]
+    tallies = {e: counts([r for r in results if r.engine == e]) for e in engines}
+    totals = [
+        [f"total {CELL[verdict]}", *[str(tallies[e][verdict]) for e in engines]]
+        for verdict in CELL
+        if any(tallies[e][verdict] for e in engines)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows, *totals]) for i in range(len(header))]
+
+    def line(cells):
+        return GAP.join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+    rule = line(["-" * w for w in widths])
+    return [line(header), rule, *map(line, rows), rule, *map(line, totals)]
+
+
+def _legend(results: list[CaseResult], blanks: bool) -> list[str]:
+    """What the cells mean, which engine each short name stands for, ill-conditioned cases."""
+    notes = ["", LEGEND]
+    if blanks:
+        notes.append(LEGEND_BLANK)
+    renamed = {label: e for e, label in engine_labels(results).items() if label != e}
+    if renamed:
+        notes.append("engines by label:")
+        notes += [_wrapped(f"{label} = {e}") for label, e in renamed.items()]
     ill = {}
     for r in results:
         if r.ill_conditioned and r.case_id not in ill:
             ill[r.case_id] = r.conditioning.describe()
     if ill:
-        notes.append("")
-        notes.append("* ill-conditioned case (reference margin under the profile's epsilon):")
-        notes += [f"  {case_id}: {text}" for case_id, text in ill.items()]
+        notes.append(LEGEND_STAR)
+        notes += [_wrapped(f"{case_id}: {text}") for case_id, text in ill.items()]
     return notes
 
 
+def _wrapped(note: str) -> str:
+    """An indented note, folded at spaces to fit ``MATRIX_WIDTH`` columns."""
+    return "\n".join(
+        textwrap.wrap(note, MATRIX_WIDTH, initial_indent="  ", subsequent_indent="    ")
+    )
+
+
+def _missing_per_model(results: list[CaseResult]) -> bool:
+    """Whether some engine has no result for a case another engine ran on the same model."""
+    for model in dict.fromkeys(r.model for r in results):
+        of_model = [r for r in results if r.model == model]
+        cells = {(r.case_id, r.engine) for r in of_model}
+        if len(cells) < len(case_rows(of_model)) * len(columns(of_model)):
+            return True
+    return False
+
+
 def _profiles_used(results: list[CaseResult]) -> list[str]:
-    used: dict[tuple[str, str], None] = {}
-    for r in results:
-        used.setdefault((r.model, r.profile), None)
+    """Each precision profile the results were judged with, and what it allows."""
     lines = []
-    for model, name in used:
+    for name in dict.fromkeys(r.profile for r in results):
         p = PROFILES[name]
         lines.append(
-            f"{model} {name} (near-tie below {p.tie_epsilon:g} nats, logprobs within "
-            f"{p.logprob_atol:g} + {p.logprob_rtol:g}*|logprob|)"
+            f"profile {name}: near-tie below {p.tie_epsilon:g} nats, logprobs within "
+            f"{p.logprob_atol:g} + {p.logprob_rtol:g}*|logprob|"
         )
     return lines
+
+
+def _footnotes(results: list[CaseResult]) -> list[str]:
+    """Profiles per model, then the legend (for reports that show all models in one table)."""
+    profiles = [
+        f"{model}: {'; '.join(_profiles_used([r for r in results if r.model == model]))}"
+        for model in dict.fromkeys(r.model for r in results)
+    ]
+    blanks = any("" in row for row in _grid(results)[1])
+    return ["", "precision profiles: " + " | ".join(profiles), *_legend(results, blanks)]
 
 
 def format_problems(results: list[CaseResult]) -> str:
     """Every fail and near-tie with its diagnostic, as plain text."""
     blocks = []
+    labels = engine_labels(results)
     for r in results:
         if r.verdict not in (FAIL, NEAR_TIE):
             continue
-        lines = [f"{CELL[r.verdict]}: {r.case_id} on {r.engine} @ {r.model} (profile {r.profile})"]
+        where = f"{labels[r.engine]} @ {r.model}"
+        lines = [f"{CELL[r.verdict]}: {r.case_id} on {where} (profile {r.profile})"]
         if r.reason:
             lines += ["  " + line for line in r.reason.splitlines()]
         for f in r.findings:
@@ -212,6 +306,7 @@ def _plain(value: Any) -> Any:
 
 def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
     header, rows = _grid(results)
+    labels = engine_labels(results)
     out = ["# lmconform conformance report", ""]
     for key, value in meta.items():
         out.append(f"- **{key}**: {_md_inline(_md_value(value))}")
@@ -229,7 +324,7 @@ def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
     if problems:
         out += ["", "## Failures and near-ties", ""]
         for r in problems:
-            where = _md_inline(f"{r.engine} @ {r.model}")
+            where = _md_inline(f"{labels[r.engine]} @ {r.model}")
             out.append(f"### {CELL[r.verdict]}: {_md_code(r.case_id)} on {where}")
             block = [r.reason] if r.reason else []
             for f in r.findings:
@@ -240,7 +335,7 @@ def to_markdown(results: list[CaseResult], meta: dict[str, Any]) -> str:
     if unsupported:
         out += ["", "## Unsupported and skipped", ""]
         for r in unsupported:
-            where = _md_inline(f"{r.engine} @ {r.model}")
+            where = _md_inline(f"{labels[r.engine]} @ {r.model}")
             out.append(f"- {_md_code(r.case_id)} on {where}: {_md_inline(r.reason)}")
     return "\n".join(out) + "\n"
 

@@ -28,7 +28,7 @@ from conformance.checks import CHECKS
 from conformance.checks.context import CaseContext, Finding
 from conformance.comparator import FAIL, NEAR_TIE, PASS
 from conformance.conditioning import Conditioning
-from conformance.oracle import ReferenceOracle
+from conformance.oracle import Oracle, ReferenceOracle
 from conformance.profiles import PrecisionProfile, profile_for_model
 from conformance.snapshots.oracle import SnapshotOracle
 from conformance.snapshots.store import GOLDEN_DIR, SnapshotError
@@ -56,6 +56,11 @@ class CaseResult:
     conditioning: Conditioning | None = None
     reason: str = ""  # why unsupported, skipped, or failed without a finding
     duration_s: float = 0.0
+    label: str = ""  # the engine's short name for tables (``engine`` is the full spec), if other
+
+    @property
+    def engine_label(self) -> str:
+        return self.label or self.engine
 
     @property
     def ill_conditioned(self) -> bool:
@@ -68,19 +73,22 @@ class CaseResult:
         return [f for f in self.findings if f.verdict == NEAR_TIE]
 
 
+# (engine label, model, case index, case count, case, its result or None when it starts)
 ProgressCallback = Callable[[str, str, int, int, Case, "CaseResult | None"], None]
 
 
 def run_case(
     case: Case,
     engine,
-    oracle: ReferenceOracle,
+    oracle: Oracle,
     profile: PrecisionProfile,
     timeout: float | None = DEFAULT_CASE_TIMEOUT,
 ) -> CaseResult:
     """Run one case on one engine; always returns a result."""
     ctx = CaseContext(case, engine, oracle, profile)
     result = CaseResult(case.id, engine.name, oracle.model, profile.name, PASS, about=case.about)
+    if engine.label != engine.name:
+        result.label = engine.label
     start = time.perf_counter()
     try:
         with deadline(timeout):
@@ -114,7 +122,7 @@ def run_case(
 def run_cases(
     cases: Iterable[Case],
     engine,
-    oracle: ReferenceOracle,
+    oracle: Oracle,
     profile: PrecisionProfile,
     timeout: float | None = DEFAULT_CASE_TIMEOUT,
     progress: ProgressCallback | None = None,
@@ -123,11 +131,11 @@ def run_cases(
     results = []
     for index, case in enumerate(cases):
         if progress:
-            progress(engine.name, oracle.model, index, len(cases), case, None)
+            progress(engine.label, oracle.model, index, len(cases), case, None)
         result = run_case(case, engine, oracle, profile, timeout)
         results.append(result)
         if progress:
-            progress(engine.name, oracle.model, index, len(cases), case, result)
+            progress(engine.label, oracle.model, index, len(cases), case, result)
     return results
 
 
@@ -206,7 +214,7 @@ def run_matrix(
     return results
 
 
-def open_oracle(model: str, against: str = "reference"):
+def open_oracle(model: str, against: str = "reference") -> Oracle:
     """The source of truth for ``model``.
 
     ``"reference"``: the reference engine, live. ``"snapshots"``: the committed
@@ -219,10 +227,8 @@ def open_oracle(model: str, against: str = "reference"):
     return SnapshotOracle(model, folder)
 
 
-def not_covered(oracle, cases: list[Case]) -> dict[str, str]:
-    """The cases a snapshot oracle holds no answers for, with why (a live oracle has all)."""
-    if not isinstance(oracle, SnapshotOracle):
-        return {}
+def not_covered(oracle: Oracle, cases: list[Case]) -> dict[str, str]:
+    """The cases ``oracle`` cannot judge (e.g. snapshots without their answers), with why."""
     return {c.id: why for c in cases if (why := oracle.missing(c))}
 
 

@@ -1,6 +1,6 @@
-"""The case catalogue as pytest tests: ``pytest --pyargs conformance --engine E --model M``.
+"""The case catalogue as pytest tests: ``pytest --pyargs conformance --lmconform-engine E``.
 
-Collected only when ``--engine`` is given (see ``pytest_plugin.py``); one test
+Collected only when ``--lmconform-engine`` is given (see ``pytest_plugin.py``); one test
 per engine, model and case, with the CLI's verdicts.
 """
 

@@ -34,7 +34,9 @@ def test_check_prints_the_matrix_and_writes_all_reports(tmp_path, capsys):
     )
     out, err = capsys.readouterr()
     assert rc == 0
-    assert "reference @ dummy" in out and "greedy-only @ dummy" in out
+    # One table for the model, a column per engine, and the exit status explained last.
+    assert ["case", "reference", "greedy-only"] in [line.split() for line in out.splitlines()]
+    assert err.splitlines()[-1].startswith("lmconform check: exit status 0: ")
     assert "batch/needle" in out and "unsupported" in out
     assert "[reference @ dummy 1/2] greedy/hello pass" in err  # progress on stderr
     data = json.loads(paths["json"].read_text())

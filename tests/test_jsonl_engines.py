@@ -118,7 +118,9 @@ sys.exit(rc)
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 pass" in out.stdout
+    table = [line.split() for line in out.stdout.splitlines()]
+    # The column is labelled with the name the engine's hello gives, not its command line.
+    assert ["case", "reference-jsonl"] in table and ["total", "pass", "4"] in table
 
 
 def test_an_engine_that_does_not_exist_is_unavailable():

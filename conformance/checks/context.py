@@ -24,7 +24,7 @@ from typing import Any
 from conformance.catalogue import Case, build_request, check_expectations
 from conformance.comparator import FAIL, Comparison, Diagnostic, Resume, compare_traces
 from conformance.conditioning import Conditioning, conditioning_of
-from conformance.oracle import ReferenceOracle
+from conformance.oracle import Oracle
 from conformance.profiles import PrecisionProfile
 from conformance.validation import validate_generation, validate_score, validate_text
 from engines.protocol import (
@@ -54,7 +54,7 @@ class Finding:
 
 
 class CaseContext:
-    def __init__(self, case: Case, engine, oracle: ReferenceOracle, profile: PrecisionProfile):
+    def __init__(self, case: Case, engine, oracle: Oracle, profile: PrecisionProfile):
         self.case = case
         self.engine = engine
         self.oracle = oracle

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from engines.models import DEFAULT_CASE_TIMEOUT_S, DEFAULT_MODELS
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a longer per-case limit is a typo
 REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
+HEARTBEAT_S = 10.0  # a case running longer says so on stderr this often
 EXIT_CODES = """exit status:
   0    every checked case passed (pass or near-tie), and at least one case was checked
   1    an engine failed a case (a finding, not an error of the run)
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         plan = prepare(args)
     except InputError as error:
         print(f"lmconform check: {error}", file=sys.stderr)
+        print(exit_line(2), file=sys.stderr)
         return 2
     if args.list:
         for model, cases in plan.cases.items():
@@ -112,7 +115,19 @@ def run(args: argparse.Namespace) -> int:
             for case in cases:
                 print(f"  {case.id:40s} {case.kind:13s} {case.about}")
         return 0
-    return execute(args, plan)
+    status = execute(args, plan)
+    print(exit_line(status), file=sys.stderr)
+    return status
+
+
+def exit_line(status: int) -> str:
+    """The last line of a run: its exit status and what that means (from ``EXIT_CODES``)."""
+    meaning = {
+        0: "every checked case passed",
+        1: "an engine failed a case (a finding, not an error of the run)",
+        2: "an input error, or nothing could be checked (see above; exit statuses: --help)",
+    }
+    return f"lmconform check: exit status {status}: {meaning.get(status, 'see --help')}"
 
 
 class Plan:
@@ -350,25 +365,59 @@ def write_reports(args: argparse.Namespace, results: list, meta: dict) -> bool:
 
 
 class Progress:
-    """One line per finished case on stderr; on a terminal, also the case now running."""
+    """One line per finished case on stderr; on a terminal, also the case now running.
 
-    def __init__(self, stream):
+    A case that runs longer than ``heartbeat_s`` says so every ``heartbeat_s`` seconds,
+    with its elapsed time (a heartbeat thread), so that a long sampling case is not
+    mistaken for a hang.
+    """
+
+    def __init__(self, stream, heartbeat_s: float = HEARTBEAT_S):
         self.stream = stream
         self.live = stream.isatty()
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._running: tuple[str, float] | None = None  # the running case's prefix, start
+        self._last_write = time.monotonic()
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="progress", daemon=True)
+        self._heartbeat.start()
 
     def __call__(self, engine, model, index, total, case, result) -> None:
         prefix = f"[{engine} @ {model} {index + 1:>{len(str(total))}}/{total}] {case.id}"
-        if result is None:
-            if self.live:
-                self.stream.write(f"\r\033[K{prefix} ...")
-                self.stream.flush()
-            return
-        verdict = result.verdict.upper() if result.verdict == "fail" else result.verdict
-        line = f"{prefix} {verdict} ({result.duration_s:.2f} s)"
-        self.stream.write(("\r\033[K" if self.live else "") + line + "\n")
-        self.stream.flush()
+        with self._lock:
+            if result is None:
+                self._running = (prefix, time.monotonic())
+                if self.live:
+                    self._write(f"\r\033[K{prefix} ...")
+                return
+            self._running = None
+            verdict = result.verdict.upper() if result.verdict == "fail" else result.verdict
+            line = f"{prefix} {verdict} ({result.duration_s:.2f} s)"
+            self._write(("\r\033[K" if self.live else "") + line + "\n")
 
     def finish(self) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        self._stopped.set()
+        self._heartbeat.join()
+        with self._lock:
+            self._running = None
+            if self.live:
+                self._write("\r\033[K")
+
+    def _beat(self) -> None:
+        """Until ``finish``: a line for the running case whenever stderr was quiet too long."""
+        while not self._stopped.wait(min(1.0, self.heartbeat_s / 4)):
+            with self._lock:
+                now = time.monotonic()
+                if self._running is None or now - self._last_write < self.heartbeat_s:
+                    continue
+                prefix, start = self._running
+                if self.live:
+                    self._write(f"\r\033[K{prefix} ... {now - start:.0f} s")
+                else:
+                    self._write(f"{prefix} still running ({now - start:.0f} s)\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+        self._last_write = time.monotonic()

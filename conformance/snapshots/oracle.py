@@ -1,11 +1,12 @@
 """The oracle replayed from snapshots: checks against golden answers, without the reference.
 
 ``SnapshotOracle`` answers every question a case's check asks of the oracle
-(tokenize, embed, answer a request, decode) from a snapshot folder (see
-``snapshots.py``). The checks themselves run unchanged, so an engine gets the
-verdicts it would get against the live reference, as long as the snapshot
-was taken from the reference (``tests/test_snapshots.py`` proves it on the
-dummy catalogue, for the reference and for every mutant).
+(``conformance.oracle.Oracle``: tokenize, embed, answer a request, decode)
+from a snapshot folder (see ``store.py``). The checks themselves run
+unchanged, so an engine gets the verdicts it would get against the live
+reference, as long as the snapshot was taken from the reference
+(``tests/test_snapshots.py`` proves it on the dummy catalogue, for the
+reference and for every mutant).
 
 Nothing here imports MLX or the reference: this is what lets
 ``lmconform check --against snapshots`` run on machines without them.
@@ -33,7 +34,6 @@ stores) ``not_replayable``; they are skipped, and ``missing`` says why.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from conformance.catalogue import Case, CatalogueError
 from conformance.comparator import ResumptionUnavailable
-from conformance.oracle import BYTE_OF_CHAR, REFERENCE_TOP
+from conformance.oracle import REFERENCE_TOP, as_asked, as_scored, readable_token, request_key
 from conformance.profiles import PrecisionProfile, profile_for_model
 from conformance.snapshots.store import (
     GOLDEN_DIR,
@@ -52,7 +52,6 @@ from conformance.snapshots.store import (
     group_path,
     read_group,
     read_vocabulary,
-    request_key,
     request_summary,
     snapshot_groups,
 )
@@ -90,18 +89,14 @@ class SnapshotVocabulary:
         return self._backend.decode([int(t) for t in tokens], skip_special_tokens=False)
 
     def token_text(self, token: int) -> str:
-        """A token as a human should see it (as ``ReferenceOracle.token_text`` shows it)."""
-        text = self.decode([token])
-        if "\ufffd" not in text:
-            return text
+        """A token as a human should see it (``conformance.oracle.readable_token``)."""
         piece = self.data.tokens[token] if 0 <= token < len(self.data.tokens) else f"<{token}>"
-        if all(ch in BYTE_OF_CHAR for ch in piece):
-            return f"<{bytes(BYTE_OF_CHAR[ch] for ch in piece).hex(' ')}>"
-        return piece
+        return readable_token(self.decode([token]), piece)
 
 
 class SnapshotOracle:
-    """The oracle of one model, answering from the snapshot files in ``folder``."""
+    """The oracle of one model (``conformance.oracle.Oracle``), answering from the snapshot
+    files in ``folder``."""
 
     engine = None  # no live engine behind it: every engine under test is opened separately
 
@@ -204,11 +199,11 @@ class SnapshotOracle:
         return self.answer(request).tokens
 
     def answer(self, request: GenerateRequest, top: int = REFERENCE_TOP) -> Trace:
-        asked = replace(request, top_logprobs=top, stream=True)
+        asked = as_asked(request, top)
         return self._lookup(self._answers, request_key(asked), _describe(asked))
 
     def answer_score(self, request: ScoreRequest) -> Trace:
-        asked = replace(request, top_logprobs=REFERENCE_TOP)
+        asked = as_scored(request)
         return self._lookup(self._answers, request_key(asked), _describe(asked))
 
     def continuation(self, request: GenerateRequest, tokens: list[int]) -> Trace:

@@ -25,8 +25,9 @@ from dataclasses import replace
 import numpy as np
 
 from conformance.catalogue import Case
+from conformance.comparator import ResumptionUnavailable
 from conformance.conditioning import Conditioning
-from conformance.oracle import REFERENCE_TOP
+from conformance.oracle import REFERENCE_TOP, Oracle, as_asked, as_scored, request_key
 from conformance.profiles import PrecisionProfile, profile_for_model
 from conformance.runner import run_case
 from conformance.snapshots.store import (
@@ -38,20 +39,19 @@ from conformance.snapshots.store import (
     Inputs,
     VocabularyData,
     case_definition,
-    request_key,
     request_summary,
 )
 from engines.protocol import GenerateRequest, ScoreRequest, Trace
-from engines.serialization import dumps
 
 
 class RecordingOracle:
-    """An oracle that passes every question on to ``inner`` and records question and answer.
+    """An ``Oracle`` that passes every question on to ``inner`` and records question and
+    answer.
 
     ``start()`` begins a new record (one per case); ``take()`` returns it.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner: Oracle):
         self.inner = inner
         self.start()
 
@@ -76,6 +76,13 @@ class RecordingOracle:
 
     def default_profile(self, override: str | None = None) -> PrecisionProfile:
         return self.inner.default_profile(override)
+
+    def missing(self, case: Case) -> str | None:
+        return self.inner.missing(case)
+
+    def continuation(self, request: GenerateRequest, tokens: list[int]) -> Trace:
+        # Not recorded: a snapshot holds the reference's own path only (see oracle.py).
+        return self.inner.continuation(request, tokens)
 
     def decode(self, tokens: list[int]) -> str:
         return self.inner.decode(tokens)
@@ -132,14 +139,12 @@ class RecordingOracle:
                 f"store only for vocabularies up to {MAX_STORED_VOCABULARY} tokens: check it "
                 "against the live reference"
             )
-        asked = replace(request, top_logprobs=stored_top, stream=True)
-        self._remember("generate", asked, stored_top, stored)
+        self._remember("generate", as_asked(request, stored_top), stored_top, stored)
         return trace
 
     def answer_score(self, request: ScoreRequest) -> Trace:
         trace = self.inner.answer_score(request)
-        asked = replace(request, top_logprobs=REFERENCE_TOP)
-        self._remember("score", asked, REFERENCE_TOP, trace)
+        self._remember("score", as_scored(request), REFERENCE_TOP, trace)
         return trace
 
     def _remember(self, kind: str, request, top: int, trace: Trace) -> None:
@@ -149,7 +154,8 @@ class RecordingOracle:
 
 
 class EngineOracle:
-    """The oracle's part played by any engine: answers from ``engine``, inputs from ``inputs``.
+    """The ``Oracle``'s part played by any engine: answers from ``engine``, inputs from
+    ``inputs``.
 
     ``inputs`` (usually a ``SnapshotOracle`` on the committed golden snapshots)
     tokenizes, embeds and decodes; ``engine`` answers every request. The
@@ -157,7 +163,7 @@ class EngineOracle:
     for streaming only if it declares ``stream``.
     """
 
-    def __init__(self, inputs, engine):
+    def __init__(self, inputs: Oracle, engine):
         self.inputs = inputs
         self.engine = engine
         self.model = inputs.model
@@ -186,6 +192,9 @@ class EngineOracle:
     def greedy_tokens(self, request: GenerateRequest) -> list[int]:
         return self.answer(request).tokens
 
+    def missing(self, case: Case) -> str | None:
+        return None  # the engine answers live; what the inputs lack fails the case itself
+
     def answer(self, request: GenerateRequest, top: int = REFERENCE_TOP) -> Trace:
         caps = self.engine.capabilities
         sent = replace(
@@ -193,7 +202,7 @@ class EngineOracle:
             top_logprobs=top if "logprobs" in caps else 0,
             stream="stream" in caps,
         )
-        key = dumps(replace(request, top_logprobs=top, stream=True))
+        key = request_key(as_asked(request, top))
         if key not in self._answers:
             self._answers[key] = Trace(list(self.engine.generate(sent)))
         return self._answers[key]
@@ -201,10 +210,19 @@ class EngineOracle:
     def answer_score(self, request: ScoreRequest) -> Trace:
         top = REFERENCE_TOP if "logprobs" in self.engine.capabilities else 0
         sent = replace(request, top_logprobs=top)
-        key = "score:" + dumps(replace(request, top_logprobs=REFERENCE_TOP))
+        key = request_key(as_scored(request))
         if key not in self._answers:
             self._answers[key] = Trace(list(self.engine.score(sent)))
         return self._answers[key]
+
+    def continuation(self, request: GenerateRequest, tokens: list[int]) -> Trace:
+        """The engine along ``tokens``: only where they are its own answer (as in snapshots)."""
+        own = self.answer(request)
+        if own.tokens == list(tokens):
+            return own
+        raise ResumptionUnavailable(
+            f"{self.engine.name}, playing the oracle, cannot score another path than its own"
+        )
 
     def close(self) -> None:
         self.engine.close()

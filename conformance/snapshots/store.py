@@ -46,7 +46,7 @@ import numpy as np
 from conformance.catalogue import Case
 from conformance.snapshots.json_layout import dumps_readable
 from engines.protocol import GenerateRequest, ProtocolError, ScoreRequest, TokenEvent, Trace
-from engines.serialization import dumps, to_json_dict
+from engines.serialization import to_json_dict
 
 FORMAT = "lmconform-golden/1"
 GOLDEN_DIR = Path(__file__).parents[1] / "golden"
@@ -54,7 +54,6 @@ VOCABULARY_FILE = "vocabulary.json.gz"
 GROUP_SUFFIX = ".json"
 LOGPROB_DECIMALS = 6
 MAX_STORED_VOCABULARY = 4096
-KEY_CHARS = 16  # hex digits of a request hash: collisions among a few hundred requests are moot
 
 
 class SnapshotError(Exception):
@@ -84,7 +83,7 @@ class Answer:
 
     kind: str  # "generate" or "score"
     request: dict[str, Any]  # for people: the request's non-default fields, embeddings abridged
-    key: str  # hash of the exact request (see ``request_key``)
+    key: str  # hash of the exact request (``conformance.oracle.request_key``)
     top_logprobs: int
     trace: Trace
 
@@ -113,12 +112,6 @@ class GroupSnapshot:
 
 
 # -- identities ---------------------------------------------------------------------------
-
-
-def request_key(request: GenerateRequest | ScoreRequest) -> str:
-    """A short hash of the exact request, as the oracle was asked it."""
-    prefix = "score:" if isinstance(request, ScoreRequest) else ""
-    return hashlib.sha256((prefix + dumps(request)).encode()).hexdigest()[:KEY_CHARS]
 
 
 def case_definition(case: Case) -> str:
