@@ -24,7 +24,7 @@ from conformance_helpers import decode_bytes, make_trace
 
 from conformance.comparator import FAIL, NEAR_TIE, PASS, compare_traces
 from conformance.conditioning import conditioning_of
-from conformance.profiles import DEFAULT_PROFILE, PROFILES, PrecisionProfile
+from conformance.profiles import DEFAULT_PROFILE, PROFILES, PrecisionProfile, profile_for_model
 from conformance.sampling import stats
 from conformance.sampling.stats import ContextDraws, implied_distribution, judge
 from engines.protocol import SamplerSettings
@@ -54,6 +54,12 @@ def test_profile_constants_are_the_documented_ones():
     found = {name: (p.tie_epsilon, p.logprob_atol, p.logprob_rtol) for name, p in PROFILES.items()}
     assert found == DOCUMENTED
     assert DEFAULT_PROFILE["dummy"] == "fp32" and DEFAULT_PROFILE["smollm2-135m"] == "q4"
+
+
+def test_a_model_without_a_default_profile_is_judged_as_fp32_unless_overridden():
+    assert profile_for_model("some-unknown-model") is PROFILES["fp32"]
+    assert profile_for_model("smollm2-135m") is PROFILES["q4"]
+    assert profile_for_model("smollm2-135m", "q4q8") is PROFILES["q4q8"]
 
 
 def test_the_readme_states_the_default_profiles_numbers():
