@@ -1,7 +1,8 @@
 """JSON form of protocol messages, driven by the dataclasses' type hints.
 
 ``to_json_dict`` turns a protocol dataclass into JSON-ready data;
-``from_json_dict`` checks and rebuilds it, raising ``ProtocolError`` with the
+``from_json_dict`` checks and rebuilds it (``jsonl_protocol.py`` puts both in
+the envelope of a wire message), raising ``ProtocolError`` with the
 path of the offending field (``"rows[1].request.max_tokens: expected int, got
 '7'"``), so a malformed message from an external engine is reported precisely.
 
@@ -26,15 +27,6 @@ from engines.protocol import ProtocolError
 T = TypeVar("T")
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-
-# Message types for the wire: {"type": "generate", ...}.
-MESSAGE_TYPES: dict[str, type] = {
-    "generate": protocol.GenerateRequest,
-    "batch": protocol.BatchRequest,
-    "score": protocol.ScoreRequest,
-    "event": protocol.TokenEvent,
-    "trace": protocol.Trace,
-}
 
 
 def to_json_dict(obj: Any) -> Any:
@@ -66,26 +58,6 @@ def loads(cls: type[T], line: str) -> T:
     except json.JSONDecodeError as error:
         raise ProtocolError(f"malformed JSON ({error}): {line[:200]!r}") from None
     return from_json_dict(cls, data)
-
-
-def to_message(obj: Any) -> dict[str, Any]:
-    """A typed message: the object's fields plus ``"type"``."""
-    for name, cls in MESSAGE_TYPES.items():
-        if type(obj) is cls:
-            return {"type": name, **to_json_dict(obj)}
-    raise TypeError(f"{type(obj).__name__} is not a protocol message")
-
-
-def from_message(data: Any) -> Any:
-    if not isinstance(data, dict) or "type" not in data:
-        raise ProtocolError(f"a message must be a JSON object with a 'type', got {data!r:.200}")
-    kind = data["type"]
-    if kind not in MESSAGE_TYPES:
-        raise ProtocolError(
-            f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}"
-        )
-    body = {k: v for k, v in data.items() if k != "type"}
-    return from_json_dict(MESSAGE_TYPES[kind], body, kind)
 
 
 @cache

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from engines.jsonl_protocol import decode, encode
 from engines.protocol import (
     CAPABILITIES,
     BatchRequest,
@@ -20,7 +21,7 @@ from engines.protocol import (
     TokenEvent,
     Trace,
 )
-from engines.serialization import dumps, from_message, loads, to_message
+from engines.serialization import dumps, loads
 
 
 def full_request() -> GenerateRequest:
@@ -51,8 +52,7 @@ def test_every_message_type_survives_a_json_round_trip():
         Trace([TokenEvent(1, float("-inf")), TokenEvent(2, -1.0, finish_reason="length")]),
     ]
     for message in messages:
-        line = json.dumps(to_message(message))
-        back = from_message(json.loads(line))
+        back = decode(encode(message)).body
         assert type(back) is type(message)
         assert dumps(back) == dumps(message)
 
@@ -85,12 +85,12 @@ def test_json_forms_of_keys_and_infinities():
         ),
         ({"type": "event", "token": 1, "top_logprobs": [[1]]}, "expected a 2-list"),
         ({"type": "teleport"}, "unknown message type 'teleport'"),
-        (["generate"], "must be a JSON object with a 'type'"),
+        (["generate"], "must be a JSON object"),
     ],
 )
 def test_malformed_messages_are_rejected_with_the_offending_path(message, complaint):
     with pytest.raises(ProtocolError) as error:
-        from_message(message)
+        decode(json.dumps(message))
     assert complaint in str(error.value)
 
 
