@@ -148,3 +148,34 @@ class BrokenLoader(Control):
 
     def load(self, source):
         raise OSError("weights are corrupt")
+
+
+def test_every_oracle_implements_the_whole_oracle_contract():
+    """The runner and the checks use only ``Oracle``: each implementation must have all of it
+    (the catalogue's four questions included)."""
+    import inspect
+
+    from conformance.catalogue import Oracle as CatalogueOracle
+    from conformance.oracle import Oracle
+    from conformance.snapshots.oracle import SnapshotOracle
+    from conformance.snapshots.recorder import EngineOracle, RecordingOracle
+
+    members = {
+        name
+        for protocol in (Oracle, CatalogueOracle)
+        for name, value in vars(protocol).items()
+        if not name.startswith("_") and inspect.isfunction(value)
+    } | set(Oracle.__annotations__)
+    assert {"answer", "continuation", "missing", "token_text", "encode", "engine"} <= members
+    snapshots = SnapshotOracle("dummy")
+    oracles = [
+        dummy_oracle(),
+        snapshots,
+        RecordingOracle(snapshots),
+        EngineOracle(snapshots, Control(SOURCE)),
+    ]
+    for oracle in oracles:
+        lacking = sorted(name for name in members if not hasattr(oracle, name))
+        assert lacking == [], type(oracle).__name__
+    case = dummy_case("greedy/hello")
+    assert [o.missing(case) for o in oracles] == [None, None, None, None]
