@@ -32,8 +32,10 @@ metric ``mutation_score`` (percent) per module as the workload, engine ``mutmut`
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -166,10 +168,24 @@ def prepare(module: str, tests: tuple[str, ...], work: Path) -> Path:
 
 
 def mutmut(work: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run mutmut in ``work``; on ``timeout`` end it with every worker it forked (its own
+    process group), then raise ``subprocess.TimeoutExpired``."""
     command = ["nice", "-n", "10", sys.executable, "-m", "mutmut", *args]
-    return subprocess.run(
-        command, cwd=work, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    with subprocess.Popen(
+        command,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def parse_results(text: str) -> dict[str, str]:
