@@ -375,21 +375,10 @@ def test_a_users_engine_is_snapshotted_and_later_checked_against_its_snapshot(tm
     assert main([*args, "--engine", "mutants:MaxTokensOffByOne"]) == 1
     report = capsys.readouterr().out
     assert "total FAIL" in report and "FAIL: stopping/max_tokens_exact" in report
-    # Cases it has no snapshot of are skipped, saying why.
-    assert (
-        main(
-            [
-                "check",
-                "--model",
-                "dummy",
-                "--cases",
-                "greedy/fox",
-                "--against",
-                str(out),
-                "--engine",
-                "mutants:Control",
-            ]
-        )
-        == 0
-    )
-    assert "skipped" in capsys.readouterr().out
+    # Cases it has no snapshot of are skipped, saying why; a run that checked nothing is
+    # not a pass (exit 2), so a snapshot folder missing every selected case cannot look green.
+    only_unsnapshotted = ["--cases", "greedy/fox", "--against", str(out)]
+    check = ["check", "--model", "dummy", *only_unsnapshotted, "--engine", "mutants:Control"]
+    assert main(check) == 2
+    captured = capsys.readouterr()
+    assert "skipped" in captured.out and "no case was checked" in captured.err
