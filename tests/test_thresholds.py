@@ -403,3 +403,25 @@ def test_the_holm_family_is_the_tested_contexts():
     pair = judge([bad, good], alpha=alpha)
     assert pair.results[0].adjusted_p_value == pytest.approx(2 * pair.results[0].p_value)
     assert pair.passed is True
+
+
+def test_a_step_without_logprobs_does_not_end_the_tolerance_check():
+    # Step 1: the engine reports no logprob (nothing to compare); step 2 is off by 1.1x the
+    # tolerance and must still fail. Either side missing skips only that step.
+    p = PROFILES["fp32"]
+    tops = [[(A, -0.1)], [(B, -0.2)], [(C, -0.3)]]
+    expected = make_trace([A, B, C], [-0.1, -0.2, -0.3], tops)
+    for missing_side in ("actual", "expected"):
+        logprobs = [-0.1, None, -0.3 + 1.1 * p.logprob_tolerance(-0.3)]
+        if missing_side == "expected":
+            expected = make_trace([A, B, C], [-0.1, None, -0.3], tops)
+            logprobs[1] = -0.2
+        result = judged(expected, make_trace([A, B, C], logprobs, tops), p)
+        assert result.verdict == FAIL and result.diagnostic.step == 2, missing_side
+
+
+def test_equal_infinite_logprobs_are_an_error_of_zero():
+    tops = [[(A, -math.inf)]]
+    same = make_trace([A], [-math.inf], tops)
+    result = judged(same, make_trace([A], [-math.inf], tops), PROFILES["fp32"])
+    assert result.verdict == PASS and result.max_logprob_error == 0.0
