@@ -425,3 +425,18 @@ def test_equal_infinite_logprobs_are_an_error_of_zero():
     same = make_trace([A], [-math.inf], tops)
     result = judged(same, make_trace([A], [-math.inf], tops), PROFILES["fp32"])
     assert result.verdict == PASS and result.max_logprob_error == 0.0
+
+
+def test_on_the_engines_path_a_step_without_logprobs_does_not_end_the_check():
+    p = PROFILES["fp32"]
+    eps = p.tie_epsilon
+    expected, _ = divergence_with_margin(0.5, eps)
+    bad = -0.3 + 1.1 * p.logprob_tolerance(-0.3)
+    actual = make_trace([A, C, B, B], [-0.1, -eps, None, bad], None)
+
+    def resume(tokens):
+        tops = [[(A, -0.1)], [(C, -eps)], [(B, -0.2)], [(B, -0.3)]]
+        return make_trace(tokens, [-0.1, -eps, -0.2, -0.3], tops)
+
+    result = judged(expected, actual, p, resume=resume)
+    assert result.verdict == FAIL and result.diagnostic.step == 3
