@@ -394,3 +394,24 @@ def test_batched_generation_stops_on_a_stop_sequence_spanning_tokens(dummy):
     first = next(i for i in range(1, 8) if greedy[i - 1 : i + 1] == greedy[2:4])
     assert [t for t, _ in out] == greedy[: first + 1]
     assert out[-1][1] == "stop"
+
+
+def test_the_default_sampler_is_greedy():
+    assert set(draws(make_sampler(), logprobs_of(PROBS), n=16)) == {1}
+
+
+def test_min_tokens_to_keep_reaches_the_sampler():
+    # min_p 0.9 alone keeps token 1 only; min_tokens_to_keep=2 adds token 3.
+    sampler = make_sampler(temp=1.0, min_p=0.9, min_tokens_to_keep=2)
+    assert set(draws(sampler, logprobs_of(PROBS), n=100)) == {1, 3}
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_filters_keep_the_dtype_of_their_input(dtype):
+    logprobs = logprobs_of(PROBS).astype(dtype)
+    for filtered in (
+        apply_top_k(logprobs, 2),
+        apply_top_p(logprobs, 0.6),
+        apply_min_p(logprobs, 0.4),
+    ):
+        assert filtered.dtype == dtype and kept(filtered.astype(mx.float32)) == {1, 3}
