@@ -51,10 +51,15 @@ BUILTIN_ENGINES = {
         ("torch", "transformers", "gguf"),
         "pip install torch transformers gguf   (or: pip install 'lmconform[peers]')",
     ),
+    "llama-cpp": BuiltinEngine(
+        "engines.adapters.llama_cpp:LlamaCppEngine",
+        ("llama_cpp",),
+        "pip install 'lmconform[llama-cpp]'   (llama-cpp-python==0.3.36; it compiles llama.cpp)",
+    ),
 }
 
 # The peers a default run compares the reference against, when installed.
-PEERS = ("mlx-lm", "transformers")
+PEERS = ("mlx-lm", "transformers", "llama-cpp")
 
 
 class EngineUnavailable(Exception):
