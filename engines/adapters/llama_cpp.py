@@ -22,13 +22,15 @@ tokens with llama.cpp's own samplers (``llama_sampler_*``) applied to them:
 
 Also llama.cpp's own: reuse of the KV cache for a request with the same ``cache_key``
 as the one before (the longest common prefix is kept and the rest removed, as
-``Llama.generate`` does) and the prompt evaluated ``prefill_step_size`` positions per
-``llama_decode`` call (what llama.cpp's ``n_batch`` does).
+``Llama.generate`` does); the prompt evaluated ``prefill_step_size`` positions per
+``llama_decode`` call (what llama.cpp's ``n_batch`` does); prompt embeddings, fed as
+a ``llama_batch`` of vectors instead of token ids (as llama.cpp's multimodal
+projectors feed images).
 
 Not offered: batches (``Llama`` holds one sequence), speculative decoding with a
-draft model (llama-cpp-python has only prompt-lookup drafting), prompt embeddings,
-and a bounded KV cache with sink positions (llama.cpp's context shift discards
-half the context at once instead).
+draft model (llama-cpp-python has only prompt-lookup drafting) and a bounded KV
+cache with sink positions (llama.cpp's context shift discards half the context at
+once instead).
 
 Options (``--engine llama-cpp:threads=2,n_ctx=4096``): ``threads``, llama.cpp's
 thread count (default ``$LMCONFORM_LLAMA_THREADS`` or 1); ``n_ctx``, the context
@@ -119,6 +121,7 @@ class LlamaCppEngine(Engine):
             "logprobs",
             "sampling",
             "logit_bias",
+            "input_embeddings",
             "prompt_cache",
             "prefill_chunking",
             "score",
@@ -225,16 +228,23 @@ class LlamaCppEngine(Engine):
     def _check(self, request: GenerateRequest) -> None:
         if request.draft is not None:
             raise Unsupported("speculative decoding with a draft model")
-        if request.prompt_embeddings is not None:
-            raise Unsupported("prompt embeddings")
+        if request.prompt_embeddings is not None and request.cache_key is not None:
+            raise Unsupported("a cache key together with prompt embeddings")
         if request.max_kv_size is not None:
             raise Unsupported("a bounded KV cache keeping sink positions")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        if not request.prompt:
+        length = len(request.prompt)
+        if request.prompt_embeddings is not None:
+            length = len(request.prompt_embeddings)
+            if request.prompt and len(request.prompt) != length:
+                raise ValueError("prompt and prompt_embeddings differ in length")
+            if any(len(vector) != self.llm.n_embd() for vector in request.prompt_embeddings):
+                raise ValueError(f"prompt embeddings must have {self.llm.n_embd()} values each")
+        if length == 0:
             raise ValueError("the prompt is empty")
         # The last generated token is never fed back, so the cache needs one position less.
-        self._check_tokens(request.prompt, len(request.prompt) + request.max_tokens - 1)
+        self._check_tokens(request.prompt, length + request.max_tokens - 1)
         p = request.processors
         windows = {
             size
@@ -306,6 +316,14 @@ class LlamaCppEngine(Engine):
 
     def _prefill(self, request: GenerateRequest) -> np.ndarray:
         """Feed the prompt (what the held KV cache lacks of it); the last position's logits."""
+        if request.prompt_embeddings is not None:
+            self._cache_key = None
+            self.llm.reset()
+            vectors = np.asarray(request.prompt_embeddings, dtype=np.float32)
+            step = request.prefill_step_size or len(vectors)
+            for start in range(0, len(vectors), step):
+                logits = self._feed_embeddings(vectors[start : start + step])
+            return logits
         prompt = list(request.prompt)
         keep = 0
         if request.cache_key is not None and request.cache_key == self._cache_key:
@@ -325,3 +343,32 @@ class LlamaCppEngine(Engine):
         """Evaluate ``tokens`` after the cached ones; the logits at the last of them."""
         self.llm.eval(tokens)
         return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+
+    def _feed_embeddings(self, vectors: np.ndarray) -> np.ndarray:
+        """Evaluate embedding vectors (positions, n_embd) after the cached positions, in one
+        ``llama_decode`` call; the logits at the last of them."""
+        count, width = vectors.shape
+        start = self.llm.n_tokens
+        # As Llama.eval does: drop whatever the cache holds from this position on.
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), -1, start, -1)
+        batch = llama_cpp.llama_batch_init(count, width, 1)
+        try:
+            batch.n_tokens = count
+            ctypes.memmove(batch.embd, np.ascontiguousarray(vectors).ctypes.data, vectors.nbytes)
+            for i in range(count):
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == count - 1
+            status = llama_cpp.llama_decode(self.llm.ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode of {count} embeddings failed ({status})")
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self.llm.ctx, count - 1), shape=(self.vocab_size,)
+            ).copy()
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        # Llama's own bookkeeping: these positions are held (their token ids are unknown).
+        self.llm.input_ids[start : start + count] = -1
+        self.llm.n_tokens += count
+        return logits
