@@ -17,12 +17,12 @@ BATCH = Workload("batch-2", "batch", prompt_tokens=4, new_tokens=2, batch_size=2
 class Logging(SyntheticEngine):
     """A fast synthetic engine that logs every generation in a shared list."""
 
-    def __init__(self, label: str, log: list):
+    def __init__(self, tag: str, log: list):
         super().__init__(step_ms=0.05, prefill_us=1.0)
-        self.label, self.log = label, log
+        self.tag, self.log = tag, log
 
     def generate(self, request):
-        self.log.append(self.label)
+        self.log.append(self.tag)
         yield from super().generate(request)
 
 
