@@ -415,3 +415,44 @@ def test_filters_keep_the_dtype_of_their_input(dtype):
         apply_min_p(logprobs, 0.4),
     ):
         assert filtered.dtype == dtype and kept(filtered.astype(mx.float32)) == {1, 3}
+
+
+def default_window_history() -> mx.array:
+    """21 tokens: token 0 is 21 back (outside mlx-lm's default window of 20), token 1 is
+    20 back (inside), then 19 copies of token 3."""
+    return mx.array([0, 1] + [3] * 19)
+
+
+@pytest.mark.parametrize(
+    "processor, inside",
+    [
+        (make_repetition_penalty(2.0), 2.0),  # 4 / 2
+        (make_presence_penalty(1.0), 3.0),  # 4 - 1
+        (make_frequency_penalty(1.0), 3.0),  # 4 - 1, once
+        (make_logits_processors(repetition_penalty=2.0)[0], 2.0),
+        (make_logits_processors(presence_penalty=1.0)[0], 3.0),
+        (make_logits_processors(frequency_penalty=1.0)[0], 3.0),
+    ],
+)
+def test_the_default_window_is_the_last_20_tokens(processor, inside):
+    out = as_list(processor(default_window_history(), logits([4.0, 4.0, 4.0, 4.0])))
+    assert out[:3] == [4.0, inside, 4.0]
+
+
+@pytest.mark.parametrize(
+    "processor, expected",
+    [
+        (make_repetition_penalty(2.0), [2.0, 4.0]),
+        (make_presence_penalty(1.0), [3.0, 4.0]),
+        (make_frequency_penalty(1.0), [3.0, 4.0]),
+    ],
+)
+def test_a_single_token_of_history_is_penalised(processor, expected):
+    assert as_list(processor(mx.array([0]), logits([4.0, 4.0]))) == expected
+
+
+def test_repetition_penalty_divides_logits_between_0_and_1_and_may_be_below_1():
+    # 0.5 is positive: divided (a "< 1" test would multiply it instead).
+    assert as_list(make_repetition_penalty(2.0)(mx.array([0]), logits([0.5]))) == [0.25]
+    # A penalty under 1 is allowed (it favours repeats): 4 / 0.5.
+    assert as_list(make_repetition_penalty(0.5)(mx.array([0]), logits([4.0]))) == [8.0]
