@@ -159,7 +159,7 @@ def test_hostile_engine_text_cannot_break_a_report():
     assert result.verdict == "fail" and "red" in result.reason
     longest = max(len(line) for line in result.reason.splitlines())
     assert 1000 < longest < 3000  # the 1 MB stderr line was cut
-    result.engine = "cmd:a | b"  # a pipe in the engine's name, as a command line may have
+    result.engine = result.label = "cmd:a | b"  # a pipe in its name, as a command line may have
     root = ET.fromstring(ET.tostring(to_junit([result]).getroot()))  # parses: valid XML
     failure = root.find(".//failure").text
     assert "\\x1b[31m" in failure and "\x1b" not in failure and "\x00" not in failure
@@ -217,7 +217,7 @@ def test_the_deadline_cannot_be_swallowed():
 
 def test_a_stop_signal_is_not_judged_as_an_engine_fault():
     class Stopped:
-        name = "stopped"
+        name = label = "stopped"
         capabilities = frozenset({"greedy", "stream", "logprobs"})
         vocab_size = 260
 
