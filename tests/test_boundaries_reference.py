@@ -423,32 +423,34 @@ def default_window_history() -> mx.array:
     return mx.array([0, 1] + [3] * 19)
 
 
+# Processors are made inside the tests (through lambdas), not at collection time, so that
+# mutation testing sees each test reach the factory it checks.
 @pytest.mark.parametrize(
-    "processor, inside",
+    "make, inside",
     [
-        (make_repetition_penalty(2.0), 2.0),  # 4 / 2
-        (make_presence_penalty(1.0), 3.0),  # 4 - 1
-        (make_frequency_penalty(1.0), 3.0),  # 4 - 1, once
-        (make_logits_processors(repetition_penalty=2.0)[0], 2.0),
-        (make_logits_processors(presence_penalty=1.0)[0], 3.0),
-        (make_logits_processors(frequency_penalty=1.0)[0], 3.0),
+        (lambda: make_repetition_penalty(2.0), 2.0),  # 4 / 2
+        (lambda: make_presence_penalty(1.0), 3.0),  # 4 - 1
+        (lambda: make_frequency_penalty(1.0), 3.0),  # 4 - 1, once
+        (lambda: make_logits_processors(repetition_penalty=2.0)[0], 2.0),
+        (lambda: make_logits_processors(presence_penalty=1.0)[0], 3.0),
+        (lambda: make_logits_processors(frequency_penalty=1.0)[0], 3.0),
     ],
 )
-def test_the_default_window_is_the_last_20_tokens(processor, inside):
-    out = as_list(processor(default_window_history(), logits([4.0, 4.0, 4.0, 4.0])))
+def test_the_default_window_is_the_last_20_tokens(make, inside):
+    out = as_list(make()(default_window_history(), logits([4.0, 4.0, 4.0, 4.0])))
     assert out[:3] == [4.0, inside, 4.0]
 
 
 @pytest.mark.parametrize(
-    "processor, expected",
+    "make, expected",
     [
-        (make_repetition_penalty(2.0), [2.0, 4.0]),
-        (make_presence_penalty(1.0), [3.0, 4.0]),
-        (make_frequency_penalty(1.0), [3.0, 4.0]),
+        (lambda: make_repetition_penalty(2.0), [2.0, 4.0]),
+        (lambda: make_presence_penalty(1.0), [3.0, 4.0]),
+        (lambda: make_frequency_penalty(1.0), [3.0, 4.0]),
     ],
 )
-def test_a_single_token_of_history_is_penalised(processor, expected):
-    assert as_list(processor(mx.array([0]), logits([4.0, 4.0]))) == expected
+def test_a_single_token_of_history_is_penalised(make, expected):
+    assert as_list(make()(mx.array([0]), logits([4.0, 4.0]))) == expected
 
 
 def test_repetition_penalty_divides_logits_between_0_and_1_and_may_be_below_1():
