@@ -152,8 +152,7 @@ class CmdEngine(Engine):
         return self._vocab_size
 
     def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
-        deadline = self._request_deadline()
-        process, request_id = self._send(request, deadline)
+        process, request_id, deadline = self._send(request)
         finished = False
         event_t: list[float] = []
         try:
@@ -192,8 +191,7 @@ class CmdEngine(Engine):
         """(row index, event) pairs of a batch, each as it arrives."""
         if "batch" not in self.capabilities:
             raise Unsupported(f"{self.name} does not batch")
-        deadline = self._request_deadline()
-        process, request_id = self._send(request, deadline)
+        process, request_id, deadline = self._send(request)
         rows: list[list[TokenEvent]] = [[] for _ in request.rows]
         open_rows = set(range(len(rows)))
         event_t: list[float] = []
@@ -231,8 +229,7 @@ class CmdEngine(Engine):
     def score(self, request: ScoreRequest) -> list[TokenEvent]:
         if "score" not in self.capabilities:
             raise Unsupported(f"{self.name} does not score continuations")
-        deadline = self._request_deadline()
-        process, request_id = self._send(request, deadline)
+        process, request_id, deadline = self._send(request)
         try:
             trace: Trace = self._receive(process, request_id, "trace", deadline).body
             for step, event in enumerate(trace.events):
@@ -341,8 +338,11 @@ class CmdEngine(Engine):
         self._start_failures = 0
         return self._process
 
-    def _send(self, request, deadline: float) -> tuple[LineProcess, str]:
+    def _send(self, request) -> tuple[LineProcess, str, float]:
+        """The request sent, with its deadline; a (re)start of the engine is not charged to it."""
+        self._request_deadline()  # a used-up total budget is said at once, before any restart
         process = self._live_process()
+        deadline = self._request_deadline()
         try:
             for name in self._draft_models(request):
                 if name not in self._drafts:
@@ -364,7 +364,7 @@ class CmdEngine(Engine):
         except BaseException:
             self._discard()
             raise
-        return process, request_id
+        return process, request_id, deadline
 
     def _receive(
         self, process: LineProcess, request_id: str | None, kind: str, deadline
