@@ -183,6 +183,10 @@ def test_mlx_lm_on_smollm2_deviates_only_by_dropping_the_leading_space():
     cases = select_cases(load_cases(), "smollm2-135m")
     results = run_cases(cases, engine, oracle, oracle.default_profile())
     failed = {r.case_id: r for r in results if r.verdict == FAIL}
+    # The batched window without sinks (MLX_LM_KNOWN_DEVIATIONS on dummy) shows here too:
+    # a comparison finding, not a text one.
+    window = failed.pop("combo/smollm2_batch+sliding_window")
+    assert "text" not in {f.check for f in window.failures()}
     assert set(failed) == {"stream/smollm2", "text/smollm2_pieces"}
     for result in failed.values():
         assert {f.check for f in result.failures()} == {"text"}
