@@ -68,6 +68,9 @@ METRICS: dict[str, Metric] = {
         Metric("peak_memory_mb", "MB", False, "weights plus peak working memory"),
         Metric("bandwidth_gbs", "GB/s", True, "memory read bandwidth measured on the spot"),
         Metric("time_s", "s", False, "wall time of one round (pytest-benchmark)"),
+        Metric("wall_s", "s", False, "wall time of one trial"),
+        Metric("cpu_s", "s", False, "CPU time of this process during one trial"),
+        Metric("mutation_score", "%", True, "percent of mutants killed (benchmarks/mutation.py)"),
     ]
 }
 
