@@ -30,6 +30,7 @@ from conformance.catalogue import Case
 from conformance.catalogue import Oracle as CatalogueOracle
 from conformance.profiles import PrecisionProfile, profile_for_model
 from engines.adapters.base import Engine, event_from_logprobs
+from engines.byte_level import BYTE_OF_CHAR
 from engines.protocol import GenerateRequest, SamplerSettings, ScoreRequest, Trace
 from engines.registry import open_engine
 from engines.serialization import dumps
@@ -102,17 +103,6 @@ def as_scored(request: ScoreRequest) -> ScoreRequest:
     return replace(request, top_logprobs=REFERENCE_TOP)
 
 
-def _byte_level_chars() -> dict[str, int]:
-    """Byte-level BPE vocabularies (GPT-2 style) spell byte b as one printable character:
-    printable Latin-1 bytes as themselves, the rest as code points from 256 upward."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in printable]
-    chars.update({chr(256 + n): b for n, b in enumerate(others)})
-    return chars
-
-
-BYTE_OF_CHAR = _byte_level_chars()
 
 
 def readable_token(text: str, piece: str) -> str:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engines.models import FAMILY_MODELS
+
 
 @dataclass(frozen=True)
 class PrecisionProfile:
@@ -106,19 +108,7 @@ DEFAULT_PROFILE = {
     "dummy": "fp32",
     "dummy-draft": "fp32",
     # The tiny models of the other families: float32 like dummy.
-    **dict.fromkeys(
-        (
-            "dummy-qwen2",
-            "dummy-qwen3",
-            "dummy-gemma",
-            "dummy-gemma3",
-            "dummy-phi3",
-            "dummy-moe",
-            "dummy-qwen2-moe",
-            "dummy-mixtral",
-        ),
-        "fp32",
-    ),
+    **dict.fromkeys(FAMILY_MODELS, "fp32"),
     "smollm2-135m": "q4",
 }
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from engines.adapters.base import Engine
 from engines.adapters.line_process import EngineFailure
+from engines.byte_level import BYTE_OF_CHAR
 from engines.deadline import CaseTimeout
 from engines.models import ModelSource
 from engines.protocol import (
@@ -254,17 +255,6 @@ def excerpt(text: str) -> str:
 # -- token names -> token ids ------------------------------------------------------------------
 
 
-def byte_level_chars() -> dict[str, int]:
-    """Byte-level BPE vocabularies (GPT-2 style) spell byte b as one printable character:
-    printable Latin-1 bytes as themselves, the rest as code points from 256 upward."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in printable]
-    chars.update({chr(256 + n): b for n, b in enumerate(others)})
-    return chars
-
-
-BYTE_OF_CHAR = byte_level_chars()
 TOKEN_ID_NAME = re.compile(r"^token_id:(\d+)$")
 BYTES_NAME = re.compile(r"^bytes:((?:\\x[0-9a-fA-F]{2})+)$")
 
