@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-DEFAULT_MODELS = ("dummy", "smollm2-135m")
+from engines.models import DEFAULT_CASE_TIMEOUT_S, DEFAULT_MODELS
+
 CATALOGUE_TEST = Path(__file__).with_name("test_catalogue.py")
 
 OPTION_ENGINE = "--lmconform-engine"
@@ -65,7 +66,7 @@ def pytest_addoption(parser) -> None:
         "outputs; no MLX needed) or a folder written by `lmconform snapshot`",
     )
     group.addoption(
-        OPTION_TIMEOUT, type=float, default=600.0, help="time limit per conformance case (s)"
+        OPTION_TIMEOUT, type=float, default=DEFAULT_CASE_TIMEOUT_S, help="time limit per conformance case (s)"
     )
 
 

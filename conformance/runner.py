@@ -34,13 +34,13 @@ from conformance.snapshots.oracle import SnapshotOracle
 from conformance.snapshots.store import GOLDEN_DIR, SnapshotError
 from engines.adapters.line_process import EngineFailure
 from engines.deadline import CaseTimeout, Interrupted, deadline
+from engines.models import DEFAULT_CASE_TIMEOUT_S
 from engines.protocol import ProtocolError, Unsupported
 from engines.registry import EngineUnavailable, open_engine
 
 UNSUPPORTED = "unsupported"
 SKIPPED = "skipped"  # the engine itself could not be used (not installed)
 VERDICTS = (PASS, NEAR_TIE, FAIL, UNSUPPORTED, SKIPPED)
-DEFAULT_CASE_TIMEOUT = 600.0
 TRACEBACK_LINES = 6
 
 
@@ -82,7 +82,7 @@ def run_case(
     engine,
     oracle: Oracle,
     profile: PrecisionProfile,
-    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT_S,
 ) -> CaseResult:
     """Run one case on one engine; always returns a result."""
     ctx = CaseContext(case, engine, oracle, profile)
@@ -124,7 +124,7 @@ def run_cases(
     engine,
     oracle: Oracle,
     profile: PrecisionProfile,
-    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT_S,
     progress: ProgressCallback | None = None,
 ) -> list[CaseResult]:
     cases = list(cases)
@@ -144,7 +144,7 @@ def run_matrix(
     models: list[str],
     pattern: str | None = None,
     profile_name: str | None = None,
-    timeout: float | None = DEFAULT_CASE_TIMEOUT,
+    timeout: float | None = DEFAULT_CASE_TIMEOUT_S,
     progress: ProgressCallback | None = None,
     on_skip: Callable[[str, str, str], None] | None = None,
     on_done: Callable[[str, str, dict, float], None] | None = None,
