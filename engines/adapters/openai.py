@@ -41,6 +41,7 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,18 +193,21 @@ class HttpClient:
             )
         return _Closing(connection, response)
 
-    def _read(self, method: str, target: str, response) -> str:
+    @contextmanager
+    def _transport_errors(self, target: str, what: str, where: str) -> Iterator[None]:
+        """Timeouts and broken connections while ``what`` arrives, as the adapter's errors."""
         try:
-            return response.read().decode("utf-8", errors="replace")
+            yield
         except TimeoutError:
-            raise ServerTimeout(
-                f"{method} {target}: the answer stalled for {self.timeout:g} s"
-            ) from None
+            raise ServerTimeout(f"{target}: {what} stalled for {self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as error:
             raise ServerFailure(
-                f"{method} {target}: the connection broke mid-answer "
-                f"({type(error).__name__}: {error})"
+                f"{target}: the connection broke {where} ({type(error).__name__}: {error})"
             ) from None
+
+    def _read(self, method: str, target: str, response) -> str:
+        with self._transport_errors(f"{method} {target}", "the answer", "mid-answer"):
+            return response.read().decode("utf-8", errors="replace")
 
     def _json(self, path: str, response) -> Any:
         target = self.endpoint.prefix + path
@@ -216,19 +220,10 @@ class HttpClient:
             ) from None
 
     def _lines(self, path: str, response) -> Iterator[str]:
-        target = self.endpoint.prefix + path
+        target = f"POST {self.endpoint.prefix + path}"
         while True:
-            try:
+            with self._transport_errors(target, "the event stream", "mid-stream"):
                 raw = response.readline()
-            except TimeoutError:
-                raise ServerTimeout(
-                    f"POST {target}: the event stream stalled for {self.timeout:g} s"
-                ) from None
-            except (OSError, http.client.HTTPException) as error:
-                raise ServerFailure(
-                    f"POST {target}: the connection broke mid-stream "
-                    f"({type(error).__name__}: {error})"
-                ) from None
             if not raw:
                 return
             yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
