@@ -21,12 +21,14 @@ a cached export can never disagree with the model the reference builds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,26 +126,58 @@ def cache_home() -> Path:
 
 
 def exported_folder(model: str) -> Path:
-    """The model exported as a Hugging Face folder; exported now if missing or stale."""
+    """The model exported as a Hugging Face folder; exported now if missing or stale.
+
+    Safe for concurrent callers (pytest-xdist workers, ``check -j`` workers): the
+    first exports while the others wait on a lock file, then find the folder fresh.
+    """
     folder = cache_home() / "models" / model
     fingerprint = reference_fingerprint()
-    stamp = folder / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+    if _is_fresh(folder, fingerprint):
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder.parent):
+        if not _is_fresh(folder, fingerprint):  # another process may have exported meanwhile
+            _export(model, folder, fingerprint)
+    return folder
+
+
+def _is_fresh(folder: Path, fingerprint: str) -> bool:
+    stamp = folder / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+
+
+@contextmanager
+def _exclusive(directory: Path):
+    """Hold an exclusive lock on ``directory`` (``flock``, released if the process dies).
+
+    The models folder itself is locked, not a lock file beside it: a lock file cannot be
+    removed safely, and one export at a time is plenty.
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _export(model: str, folder: Path, fingerprint: str) -> None:
+    """Export next to ``folder``, then swap it in by renames, so that a reader never sees
+    half a folder."""
     from reference.export import export_model  # needs MLX; only imported when exporting
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Export next to the target and rename, so a concurrent reader never sees half a folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=folder.parent))
+    stale = staging.with_name(staging.name + "-stale")
     try:
         export_model(model, staging)
         (staging / STAMP).write_text(json.dumps({"model": model, "fingerprint": fingerprint}))
         if folder.exists():
-            shutil.rmtree(folder)
+            folder.rename(stale)
         staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def reference_fingerprint() -> str:
