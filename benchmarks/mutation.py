@@ -48,6 +48,9 @@ WORK = ROOT / ".mutation"
 COPIED = ("reference", "engines", "conformance", "benchmarks", "lmconform", "tests")
 COPIED_FILES = ("pyproject.toml", "README.md")
 METRIC = "mutation_score"
+# Mutants checked at once. One: the machine's two cores are shared with other people's
+# test runs, and mutmut's default (a worker per core) would take both.
+WORKERS = 1
 
 # The one place that says which fast tests exercise each module. Entries are pytest
 # arguments (files, or node ids), run with the shared [tool.mutmut] arguments
@@ -199,7 +202,10 @@ def parse_results(text: str) -> dict[str, str]:
 
 
 def score_module(
-    module: str, budget: float | None = None, tests: tuple[str, ...] | None = None
+    module: str,
+    budget: float | None = None,
+    tests: tuple[str, ...] | None = None,
+    workers: int = WORKERS,
 ) -> ModuleScore:
     """Run mutmut on ``module`` in its scratch copy; stop after ``budget`` seconds.
     ``tests`` replaces the module's MODULE_TESTS (to measure a subset, say)."""
@@ -207,7 +213,7 @@ def score_module(
     result = ModuleScore(module, tests or MODULE_TESTS[module])
     start = time.monotonic()
     try:
-        run = mutmut(work, "run", timeout=budget)
+        run = mutmut(work, "run", "--max-children", str(workers), timeout=budget)
         if run.returncode != 0:
             result.error = _failure(run.stdout + run.stderr)
     except subprocess.TimeoutExpired:
