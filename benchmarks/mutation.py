@@ -4,7 +4,8 @@ A mutant is the module with one small change (``<`` for ``<=``, ``+ 1``, a dropp
 ``not``, ...); the module's fast tests *kill* it if one of them fails. The mutation
 score, killed / (mutants that ran), says how much of the module's behaviour the tests
 pin down; every survivor is either an equivalent mutant (no input can tell it apart)
-or a test still missing.
+or a test still missing. Equivalent mutants are recorded, each with the reason, in
+``benchmarks/mutation-equivalents.toml`` and left out of the score.
 
 The tool is mutmut 3 (PyPI ``mutmut``). Measured here on ``conformance/comparator.py``
 with its test file on this 2-core machine: mutmut checked 738 mutants in 7 min 46 s,
@@ -48,6 +49,7 @@ WORK = ROOT / ".mutation"
 COPIED = ("reference", "engines", "conformance", "benchmarks", "lmconform", "tests")
 COPIED_FILES = ("pyproject.toml", "README.md")
 METRIC = "mutation_score"
+EQUIVALENTS = ROOT / "benchmarks" / "mutation-equivalents.toml"
 # Mutants checked at once. One: the machine's two cores are shared with other people's
 # test runs, and mutmut's default (a worker per core) would take both.
 WORKERS = 1
@@ -90,6 +92,7 @@ class ModuleScore:
     tests: tuple[str, ...] = ()
     counts: dict[str, int] = field(default_factory=dict)  # mutmut status -> mutants
     survivors: list[str] = field(default_factory=list)  # mutant names, not killed
+    equivalent: list[str] = field(default_factory=list)  # not killed, recorded as equivalent
     seconds: float = 0.0
     complete: bool = True  # False: stopped by the time budget, the rest not checked
     error: str = ""  # why no score (the tests fail without mutants, say)
@@ -100,20 +103,23 @@ class ModuleScore:
 
     @property
     def checked(self) -> int:
-        return self.killed + sum(n for s, n in self.counts.items() if s in NOT_KILLED)
+        """Mutants that ran, less the equivalent ones (no test could kill them)."""
+        not_killed = sum(n for s, n in self.counts.items() if s in NOT_KILLED)
+        return self.killed + not_killed - len(self.equivalent)
 
     @property
     def score(self) -> float | None:
-        """Percent of the checked mutants that a test killed."""
+        """Percent of the checked non-equivalent mutants that a test killed."""
         return 100.0 * self.killed / self.checked if self.checked else None
 
     def line(self) -> str:
         if self.error:
             return f"{self.module}: no score ({self.error})"
         partial = "" if self.complete else ", stopped by the time budget"
+        equivalent = f", {len(self.equivalent)} of them equivalent" if self.equivalent else ""
         return (
             f"{self.module}: {self.score:.1f}% ({self.killed} of {self.checked} killed; "
-            f"{_counts(self.counts)}) in {self.seconds:.0f} s{partial}"
+            f"{_counts(self.counts)}{equivalent}) in {self.seconds:.0f} s{partial}"
         )
 
 
@@ -165,6 +171,57 @@ def prepare(module: str, tests: tuple[str, ...], work: Path) -> Path:
     text += "\n" + toml_table("tool.mutmut", mutmut_settings(module, tests))
     (work / "pyproject.toml").write_text(text)
     return work
+
+
+# -- equivalent mutants ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    """A survivor no input can tell apart from the original, and why.
+
+    mutmut numbers the mutants of a function in order, so a name alone would point at
+    another mutant once the function changes; ``line`` (the mutated line as ``mutmut
+    show`` prints it, stripped) must match too, or the record no longer applies.
+    """
+
+    mutant: str
+    line: str
+    why: str
+
+
+def load_equivalents(path: Path = EQUIVALENTS) -> dict[str, Equivalent]:
+    """The ``[[mutant]]`` tables of ``path`` by mutant name."""
+    if not path.exists():
+        return {}
+    tables = tomllib.loads(path.read_text()).get("mutant", [])
+    return {t["name"]: Equivalent(t["name"], t["line"].strip(), t["why"]) for t in tables}
+
+
+def mutated_line(diff: str) -> str:
+    """The new side of a one-mutant diff: its ``+`` lines, stripped and joined."""
+    added = [
+        line[1:].strip()
+        for line in diff.splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
+    return " ".join(added)
+
+
+def set_aside_equivalents(
+    score: ModuleScore, show, equivalents: dict[str, Equivalent]
+) -> list[str]:
+    """Move the survivors recorded as equivalent from ``score.survivors`` to
+    ``score.equivalent``; ``show(name)`` gives a mutant's diff. Returns the records whose
+    line no longer matches their mutant (stale: the function changed)."""
+    stale = []
+    for name in [n for n in score.survivors if n in equivalents]:
+        if mutated_line(show(name)) == equivalents[name].line:
+            score.survivors.remove(name)
+            score.equivalent.append(name)
+        else:
+            stale.append(name)
+    return stale
 
 
 # -- running mutmut -------------------------------------------------------------------------
@@ -223,6 +280,11 @@ def score_module(
     for status in statuses.values():
         result.counts[status] = result.counts.get(status, 0) + 1
     result.survivors = sorted(n for n, s in statuses.items() if s in NOT_KILLED)
+    stale = set_aside_equivalents(
+        result, lambda name: mutmut(work, "show", name).stdout, load_equivalents()
+    )
+    for name in stale:
+        print(f"  {EQUIVALENTS.name}: {name} is now another mutant; its record no longer applies")
     if not result.checked and not result.error:
         result.error = "no mutant was checked"
     elif result.checked:
@@ -287,6 +349,7 @@ def record(scores: list[ModuleScore], db: Path) -> int:
             if s.score is None:
                 continue
             settings = {"tests": list(s.tests), "complete": s.complete, **s.counts}
+            settings["equivalent"] = len(s.equivalent)
             history.add_trial(run_id, 0, "mutmut", "-", s.module, {METRIC: s.score}, settings)
         history.finish_run(run_id)
     return run_id
