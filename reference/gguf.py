@@ -4,6 +4,12 @@
 affine quantized layout (``weight`` packed in uint32, ``scales``, ``biases``).
 What is left to do here:
 
+* keep every weight exactly as stored: ``mx.load`` gives the quantized layout's
+  ``scales``/``biases`` in float16, and dequantizing in float16 rounds
+  ``scale * q + bias`` (a Q8_0 value needs 19 significant bits), so they are
+  widened to float32, in which every value of the supported types is exact (see
+  ``EXACT_TYPES``). Other types (the K-quants...) ``mx.load`` rounds to
+  float16, so they are refused;
 * rename tensors from llama.cpp names (``blk.3.attn_q``) to Hugging Face names
   (``model.layers.3.self_attn.q_proj``), so the ordinary ``Model`` loads them;
 * undo the row permutation that llama.cpp's converter applies to the query
@@ -17,6 +23,7 @@ matching modules (see ``loading.py``), exactly as for an MLX-quantized folder.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +58,41 @@ IGNORED_TENSORS = {"rope_freqs"}
 # Only llama: llama.cpp permutes the q/k rows of llama models (see ``unpermute_qk``)
 # but not of other architectures, which would each need their own handling.
 SUPPORTED_ARCHITECTURES = {"llama"}
+# GGML tensor types by id (ggml.h ``ggml_type``), as far as a GGUF file may hold them.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    34: "TQ1_0", 35: "TQ2_0",
+}  # fmt: skip
+# The types loaded exactly: floats as they are, and the block types whose values
+# ``scale * q + bias`` (q of at most 8 bits, scale and bias float16 values) are exact
+# in float32, as ggml itself dequantizes them: Q4_0 (bias -8 d), Q4_1 (bias m), Q8_0
+# (bias -128 d).
+EXACT_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
+# GGUF metadata value types (gguf.md): fixed-size scalars by struct format.
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_DEFAULT_ALIGNMENT = 32
 # GGUF token types (llama.cpp ``llama_token_type``).
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor's stored bytes are in a GGUF file, and how they are laid out.
+
+    ``shape`` is in ggml order (fastest-varying dimension first), ``offset`` in bytes
+    from the start of the file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    offset: int
 
 
 @dataclass
@@ -76,6 +115,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         raw_weights, raw_metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"cannot read GGUF file {path}: {error}") from error
+    check_exact_types(read_tensor_infos(path), path)
     metadata = {key: plain_value(value) for key, value in raw_metadata.items()}
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -88,9 +128,109 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     for name, value in raw_weights.items():
         hf_name = hf_tensor_name(name, path)
         if hf_name is not None:
-            weights[hf_name] = value
+            weights[hf_name] = exact(name, value)
     weights = unpermute_qk(weights, config)
     return GGUFCheckpoint(config=config, weights=weights, metadata=metadata)
+
+
+def exact(name: str, value: mx.array) -> mx.array:
+    """The tensor as ``mx.load`` gives it, with quantization scales and biases in float32.
+
+    They hold float16 values (ggml's ``d``, ``m``, and ``-8 d`` / ``-128 d``, exact
+    in float16 too); in float32 ``scale * q + bias`` is then exact as well.
+    """
+    if name.endswith((".scales", ".biases")):
+        return value.astype(mx.float32)
+    return value
+
+
+def check_exact_types(infos: list[TensorInfo], path: Path) -> None:
+    """Refuse a file with tensors of a type that would not be loaded exactly."""
+    inexact = sorted({info.type_name for info in infos} - EXACT_TYPES)
+    if inexact:
+        raise ValueError(
+            f"GGUF file {path}: tensor types {', '.join(inexact)} are not supported "
+            f"(supported: {', '.join(sorted(EXACT_TYPES))})"
+        )
+
+
+def read_tensor_infos(path: Path) -> list[TensorInfo]:
+    """The tensor directory of a GGUF file (gguf.md: header, metadata, tensor infos).
+
+    ``mx.load`` does not say which type each tensor was stored in; this does.
+    """
+    try:
+        return _tensor_infos(path)
+    except (ValueError, UnicodeDecodeError, struct.error) as error:
+        raise ValueError(f"cannot read GGUF file {path}: {error}") from error
+
+
+def _tensor_infos(path: Path) -> list[TensorInfo]:
+    with open(path, "rb") as file:
+        data = file.read(1 << 20)
+        reader = _Reader(data, file)
+        if reader.take(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        _version, n_tensors, n_values = reader.unpack("<IQQ")
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_values):
+            key = reader.string()
+            value = reader.value(reader.unpack("<I")[0])
+            if key == "general.alignment":
+                alignment = value
+        directory = []
+        for _ in range(n_tensors):
+            name = reader.string()
+            (n_dims,) = reader.unpack("<I")
+            shape = reader.unpack(f"<{n_dims}Q")
+            type_id, offset = reader.unpack("<IQ")
+            directory.append((name, shape, GGML_TYPE_NAMES.get(type_id, f"type {type_id}"), offset))
+        start = -(-reader.position // alignment) * alignment
+    return [
+        TensorInfo(name, shape, kind, start + offset) for name, shape, kind, offset in directory
+    ]
+
+
+class _Reader:
+    """Sequential little-endian reads from a file, refilled as needed."""
+
+    def __init__(self, data: bytes, file) -> None:
+        self.data, self.file, self.at, self.base = data, file, 0, 0
+
+    @property
+    def position(self) -> int:
+        return self.base + self.at
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            more = self.file.read(max(n, 1 << 20))
+            self.base += self.at
+            self.data, self.at = self.data[self.at :] + more, 0
+            if n > len(self.data):
+                raise ValueError("GGUF header is truncated")
+        chunk = self.data[self.at : self.at + n]
+        self.at += n
+        return chunk
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def string(self) -> str:
+        (length,) = self.unpack("<Q")
+        return self.take(length).decode("utf-8")
+
+    def value(self, kind: int) -> Any:
+        if kind in GGUF_SCALARS:
+            return self.unpack(GGUF_SCALARS[kind])[0]
+        if kind == GGUF_STRING:
+            return self.string()
+        if kind == GGUF_ARRAY:
+            item_kind, count = self.unpack("<IQ")
+            if item_kind in GGUF_SCALARS:  # skipped whole: only the header's position matters
+                self.take(count * struct.calcsize(GGUF_SCALARS[item_kind]))
+                return None
+            return [self.value(item_kind) for _ in range(count)]
+        raise ValueError(f"GGUF metadata value of unknown type {kind}")
 
 
 def plain_value(value: Any) -> Any:
