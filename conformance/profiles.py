@@ -36,12 +36,27 @@ from engines.models import FAMILY_MODELS
 
 
 @dataclass(frozen=True)
+class AgreementLimits:
+    """What ``lmconform agree`` allows (``conformance/agreement.py``): upper bounds on the
+    mean and 99th percentile of per-position KL(reference || engine) and on the 99th
+    percentile of |dp| of the reference's top token; lower bounds on top-1 agreement
+    over all positions and over the clear ones (margin at least ``tie_epsilon``)."""
+
+    kl_mean: float
+    kl_p99: float
+    dp_p99: float
+    top1_min: float
+    clear_top1_min: float
+
+
+@dataclass(frozen=True)
 class PrecisionProfile:
     name: str
     tie_epsilon: float
     logprob_atol: float
     logprob_rtol: float
     description: str
+    agreement: AgreementLimits
     max_near_ties: int = 8
 
     def logprobs_agree(self, expected: float, actual: float) -> bool:
@@ -62,6 +77,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_atol=2e-3,
             logprob_rtol=1e-4,
             description="float32 weights and activations: differences come from summation order",
+            agreement=AgreementLimits(
+                kl_mean=1e-5, kl_p99=1e-4, dp_p99=1e-3, top1_min=0.99, clear_top1_min=1.0
+            ),
         ),
         PrecisionProfile(
             "fp16",
@@ -69,6 +87,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_atol=0.05,
             logprob_rtol=5e-3,
             description="float16 activations (10-bit mantissa)",
+            agreement=AgreementLimits(
+                kl_mean=1e-3, kl_p99=1e-2, dp_p99=0.02, top1_min=0.97, clear_top1_min=1.0
+            ),
         ),
         PrecisionProfile(
             "bf16",
@@ -76,6 +97,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_atol=0.15,
             logprob_rtol=1e-2,
             description="bfloat16 activations (7-bit mantissa)",
+            agreement=AgreementLimits(
+                kl_mean=5e-3, kl_p99=0.05, dp_p99=0.05, top1_min=0.95, clear_top1_min=0.995
+            ),
         ),
         PrecisionProfile(
             "q8",
@@ -83,6 +107,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_atol=0.05,
             logprob_rtol=5e-3,
             description="8-bit weights; engines may also quantize activations to 8 bits",
+            agreement=AgreementLimits(
+                kl_mean=1e-3, kl_p99=1e-2, dp_p99=0.02, top1_min=0.97, clear_top1_min=1.0
+            ),
         ),
         PrecisionProfile(
             "q4",
@@ -92,6 +119,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             description=(
                 "4-bit weights, the same dequantized values in every engine, float activations"
             ),
+            agreement=AgreementLimits(
+                kl_mean=1e-3, kl_p99=1e-2, dp_p99=0.02, top1_min=0.97, clear_top1_min=1.0
+            ),
         ),
         PrecisionProfile(
             "q4q8",
@@ -99,6 +129,9 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_atol=0.15,
             logprob_rtol=2e-2,
             description="4-bit weights and 8-bit activations (llama.cpp's CPU path)",
+            agreement=AgreementLimits(
+                kl_mean=5e-3, kl_p99=0.05, dp_p99=0.05, top1_min=0.95, clear_top1_min=0.995
+            ),
         ),
     )
 }

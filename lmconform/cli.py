@@ -27,7 +27,7 @@ from engines.deadline import Interrupted
 
 # Module defining ``add_parsers(subparsers)`` -> the commands it adds (each sets ``func``).
 COMMAND_MODULES = {
-    "conformance.cli": ("check", "snapshot"),
+    "conformance.cli": ("check", "snapshot", "agree"),
     "benchmarks.cli": ("bench",),
     "reference.cli": ("generate", "models", "serve"),
 }
