@@ -12,7 +12,9 @@
 
 ``run_matrix`` runs the selected cases for each (model, engine) pair, sharing
 one oracle per model (the live reference, or golden snapshots: ``open_oracle``),
-and reports progress through a callback.
+and reports progress through a callback. It runs ``Unit``s (a model's cases on
+each engine) in a ``MatrixSession``; ``conformance.parallel`` runs smaller units
+(a model's case group) in worker processes, each with a session of its own.
 """
 
 from __future__ import annotations
@@ -139,6 +141,52 @@ def run_cases(
     return results
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a matrix run: some of one model's cases, on each engine in turn.
+
+    ``column`` is every case selected for the model (in catalogue order): progress
+    counts a case's place in it, so that a unit holding part of a column reports the
+    same "k/n" as a serial run.
+    """
+
+    model: str
+    engines: tuple[str, ...]
+    cases: tuple[str, ...]  # case ids
+    column: tuple[str, ...]
+
+
+@dataclass
+class EngineRun:
+    """One engine's results on one unit's cases."""
+
+    engine: str  # the spec
+    model: str
+    results: list[CaseResult]
+    skipped: str = ""  # why the engine, or the model's snapshots, could not be used
+    description: dict | None = None  # what the engine says of itself, when it ran
+    seconds: float = 0.0
+
+
+def plan_units(
+    engines: list[str], models: list[str], pattern: str | None = None, by_group: bool = False
+) -> list[Unit]:
+    """The units of a matrix run, in the order a serial run takes them: one per model,
+    or with ``by_group`` one per model and case group (``greedy/...``, ``combo/...``)."""
+    catalogue = load_cases()
+    units = []
+    for model in models:
+        column = tuple(c.id for c in select_cases(catalogue, model, pattern))
+        if not by_group:
+            units += [Unit(model, tuple(engines), column, column)] if column else []
+            continue
+        groups: dict[str, list[str]] = {}
+        for case_id in column:
+            groups.setdefault(case_id.split("/", 1)[0], []).append(case_id)
+        units += [Unit(model, tuple(engines), tuple(ids), column) for ids in groups.values()]
+    return units
+
+
 def run_matrix(
     engines: list[str],
     models: list[str],
@@ -159,59 +207,144 @@ def run_matrix(
     be used; ``on_done(engine, model, description, seconds)`` of each finished column.
     ``oracles``: oracles already opened (and so validated) by the caller, by model.
     """
-    catalogue = load_cases()
+    session = MatrixSession(against, profile_name, timeout, oracles, keep_engines=False)
     results: list[CaseResult] = []
-    for model in models:
-        cases = select_cases(catalogue, model, pattern)
-        if not cases:
-            continue
-        try:
-            oracle = (oracles or {}).get(model) or open_oracle(model, against)
-        except SnapshotError as error:
-            for spec in engines:
-                if on_skip:
-                    on_skip(spec, model, str(error))
-                results += _for_all(
-                    cases, spec, model, profile_for_model(model, profile_name), SKIPPED, str(error)
-                )
-            continue
-        profile = oracle.default_profile(profile_name)
-        uncovered = not_covered(oracle, cases)
-        try:
-            covered = [c for c in cases if c.id not in uncovered]
-            for spec in engines:
-                try:
-                    engine = (
-                        oracle.engine
-                        if spec == "reference" and oracle.engine is not None
-                        else open_engine(spec, model)
-                    )
-                except EngineUnavailable as error:
-                    if on_skip:
-                        on_skip(spec, model, str(error))
-                    results += _for_all(cases, spec, model, profile, SKIPPED, str(error))
-                    continue
-                except Interrupted:
-                    raise
-                except BaseException as error:  # noqa: BLE001 - one that cannot load fails its cases
-                    reason = f"could not open the engine: {_describe_exception(spec, error)}"
-                    results += _for_all(covered, spec, model, profile, FAIL, reason)
-                    results += _uncovered(cases, uncovered, spec, model, profile)
-                    continue
-                column = _uncovered(cases, uncovered, engine.name, model, profile)
-                start = time.perf_counter()
-                try:
-                    column += run_cases(covered, engine, oracle, profile, timeout, progress)
-                finally:
-                    if engine is not oracle.engine:
-                        _close(engine)
-                order = {c.id: i for i, c in enumerate(cases)}
-                results += sorted(column, key=lambda r: order[r.case_id])
-                if on_done:
-                    on_done(spec, model, _description(engine), time.perf_counter() - start)
-        finally:
-            oracle.close()
+    try:
+        for unit in plan_units(engines, models, pattern):
+            for run in session.run(unit, progress):
+                if run.skipped and on_skip:
+                    on_skip(run.engine, run.model, run.skipped)
+                if run.description is not None and on_done:
+                    on_done(run.engine, run.model, run.description, run.seconds)
+                results += run.results
+    finally:
+        session.close()
     return results
+
+
+class MatrixSession:
+    """Runs units, keeping what they open for the next one: the oracle of the current
+    model and, with ``keep_engines``, its engines (a ``check -j`` worker loads each
+    once); without, each engine is closed after its part of the unit, as soon as
+    possible. Moving on to another model closes the previous model's oracle and engines.
+    """
+
+    def __init__(
+        self,
+        against: str = "reference",
+        profile_name: str | None = None,
+        timeout: float | None = DEFAULT_CASE_TIMEOUT_S,
+        oracles: dict | None = None,
+        keep_engines: bool = True,
+    ):
+        self.against = against
+        self.profile_name = profile_name
+        self.timeout = timeout
+        self.given = dict(oracles or {})
+        self.keep_engines = keep_engines
+        self.cases = {c.id: c for c in load_cases()}
+        self.model: str | None = None
+        self.oracle: Oracle | str | None = None  # a string: why there is none
+        self.uncovered: dict[str, str] = {}
+        self.engines: dict[str, object] = {}  # spec -> engine, or why it cannot open
+
+    def run(self, unit: Unit, progress: ProgressCallback | None = None):
+        """Yields each engine's ``EngineRun`` on the unit's cases, in ``unit.engines`` order."""
+        self._enter(unit.model)
+        cases = [self.cases[i] for i in unit.cases]
+        if isinstance(self.oracle, str):
+            profile = profile_for_model(unit.model, self.profile_name)
+            for spec in unit.engines:
+                skipped = _for_all(cases, spec, unit.model, profile, SKIPPED, self.oracle)
+                yield EngineRun(spec, unit.model, skipped, skipped=self.oracle)
+            return
+        oracle = self.oracle
+        profile = oracle.default_profile(self.profile_name)
+        covered_column = [i for i in unit.column if i not in self.uncovered]
+        place = {case_id: index for index, case_id in enumerate(covered_column)}
+
+        def in_column(engine, model, index, total, case, result) -> None:
+            progress(engine, model, place[case.id], len(covered_column), case, result)
+
+        covered = [c for c in cases if c.id not in self.uncovered]
+        order = {case_id: index for index, case_id in enumerate(unit.column)}
+        for spec in unit.engines:
+            engine = self._engine(spec)
+            if isinstance(engine, EngineUnavailable):
+                skipped = _for_all(cases, spec, unit.model, profile, SKIPPED, str(engine))
+                yield EngineRun(spec, unit.model, skipped, skipped=str(engine))
+                continue
+            if isinstance(engine, str):  # it raised while opening: it fails its cases
+                column = _for_all(covered, spec, unit.model, profile, FAIL, engine)
+                column += _uncovered(cases, self.uncovered, spec, unit.model, profile)
+                yield EngineRun(spec, unit.model, sorted(column, key=lambda r: order[r.case_id]))
+                continue
+            column = _uncovered(cases, self.uncovered, engine.name, unit.model, profile)
+            start = time.perf_counter()
+            try:
+                column += run_cases(
+                    covered, engine, oracle, profile, self.timeout, progress and in_column
+                )
+            finally:
+                if not self.keep_engines:
+                    self._close_engine(spec)
+            seconds = time.perf_counter() - start
+            yield EngineRun(
+                spec,
+                unit.model,
+                sorted(column, key=lambda r: order[r.case_id]),
+                description=_description(engine),
+                seconds=seconds,
+            )
+
+    def close(self) -> None:
+        """Close every engine and the oracle (even when one of them raises)."""
+        try:
+            for spec in list(self.engines):
+                self._close_engine(spec)
+        finally:
+            oracle, self.oracle, self.model = self.oracle, None, None
+            if oracle is not None and not isinstance(oracle, str):
+                oracle.close()
+
+    def _enter(self, model: str) -> None:
+        if model == self.model:
+            return
+        self.close()
+        self.model = model
+        try:
+            self.oracle = self.given.get(model) or open_oracle(model, self.against)
+        except SnapshotError as error:
+            self.oracle = str(error)
+        self.uncovered = (
+            {} if isinstance(self.oracle, str)
+            else not_covered(self.oracle, [c for c in self.cases.values() if model in c.models])
+        )
+
+    def _engine(self, spec: str):
+        """The opened engine; ``EngineUnavailable`` if it cannot be used, or a string saying
+        why opening it raised (the model's oracle is open)."""
+        if spec not in self.engines:
+            oracle = self.oracle
+            try:
+                self.engines[spec] = (
+                    oracle.engine
+                    if spec == "reference" and oracle.engine is not None
+                    else open_engine(spec, self.model)
+                )
+            except EngineUnavailable as error:
+                self.engines[spec] = error
+            except Interrupted:
+                raise
+            except BaseException as error:  # noqa: BLE001 - one that cannot load fails its cases
+                self.engines[spec] = f"could not open the engine: {_describe_exception(spec, error)}"
+        return self.engines[spec]
+
+    def _close_engine(self, spec: str) -> None:
+        engine = self.engines.pop(spec)
+        oracle_engine = getattr(self.oracle, "engine", None)
+        if not isinstance(engine, str | EngineUnavailable) and engine is not oracle_engine:
+            _close(engine)
 
 
 def open_oracle(model: str, against: str = "reference") -> Oracle:
