@@ -13,8 +13,9 @@ Sub-commands (``run`` is the default)::
     lmconform bench ingest results.json        # pytest-benchmark --benchmark-json output
 
 Runs are named by id, ``latest``, ``previous`` or a commit prefix. ``show`` and
-``compare`` take ``--format table|json|csv``. Every command takes ``--db`` (default ``.lmconform/history.sqlite``); ``show``, ``compare`` and
-``plot`` open it read-only.
+``compare`` take ``--format table|json|csv``. Every command takes ``--db``: a SQLite
+file (default ``.lmconform/history.sqlite``) or a ``postgresql://`` URL (a history a
+team shares); ``show``, ``compare`` and ``plot`` open it read-only.
 
 Exit status: 0 ok; 1 a regression was found (``compare``) or an engine failed
 (``run``); 2 a usage or input error (unknown run, engine or workload, bad option
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sqlite3
 import sys
 import tempfile
 import traceback
@@ -45,8 +45,14 @@ EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 SUBCOMMANDS = ("run", "show", "compare", "plot", "ingest")
 
 
+def db_target(text: str) -> str | Path:
+    """``--db``: a SQLite file path, or a ``postgresql://`` URL kept as it is."""
+    return text if history.is_postgres(text) else Path(text)
+
+
 def _add_db(parser: argparse.ArgumentParser, **kwargs) -> None:
-    parser.add_argument("--db", type=Path, help=f"history database (default {history.DEFAULT_DB})",
+    parser.add_argument("--db", type=db_target, help="history: a SQLite file (default "
+                        f"{history.DEFAULT_DB}) or a postgresql://user@host/dbname URL",
                         **kwargs)
 
 
@@ -206,8 +212,8 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             return command(args)
         except history.HistoryError as error:
             return _error(str(error))
-        except sqlite3.DatabaseError as error:
-            db = getattr(args, "db", None) or history.DEFAULT_DB
+        except history.database_errors() as error:
+            db = history.shown(getattr(args, "db", None) or history.DEFAULT_DB)
             return _error(f"the history {db} is unreadable ({error})")
         except Exception:  # noqa: BLE001 - the point is to catch what nobody expected
             with tempfile.NamedTemporaryFile("w", prefix="lmconform-bench-crash-",

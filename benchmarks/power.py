@@ -32,6 +32,7 @@ from pathlib import Path
 from statistics import median
 
 from benchmarks import runner, workloads
+from benchmarks.cli import db_target
 from benchmarks.compare import compare_engines
 from benchmarks.engines import TimedEngine
 from benchmarks.history import History
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-repeats", type=int, default=0,
                         help="repeats of a disturbed block (0: keep every block; on a machine "
                         "whose load changes all the time, repeats only cost time)")
-    parser.add_argument("--db", type=Path, help="keep the runs in this history")
+    parser.add_argument("--db", type=db_target,
+                        help="keep the runs in this history (a file or a postgresql:// URL)")
     parser.add_argument("--out", type=Path, help="write the Markdown table and JSON here")
     args = parser.parse_args(argv)
 
