@@ -96,7 +96,9 @@ class KVCache(StoredKeys):
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
+    def state(self) -> tuple[mx.array | None, mx.array | None]:
+        if self.keys is None:  # nothing stored yet: saved as a layer without arrays
+            return None, None
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     @property
