@@ -64,7 +64,11 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_boundaries_reference.py",
         "tests/test_sampling.py",
     ),
-    "reference/kv_cache.py": ("tests/test_prompt_cache.py", "tests/test_generate.py"),
+    "reference/kv_cache.py": (
+        "tests/test_mutation_kills_kv_cache.py",
+        "tests/test_prompt_cache.py",
+        "tests/test_generate.py",
+    ),
     "reference/batch_cache.py": ("tests/test_batch.py",),
     "reference/generate.py": ("tests/test_boundaries_reference.py", "tests/test_generate.py"),
     "reference/speculative.py": ("tests/test_generate.py",),
