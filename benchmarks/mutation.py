@@ -72,7 +72,10 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "reference/batch_cache.py": ("tests/test_batch.py",),
     "reference/generate.py": ("tests/test_boundaries_reference.py", "tests/test_generate.py"),
     "reference/speculative.py": ("tests/test_generate.py",),
-    "reference/tokenizer.py": ("tests/test_detokenizer.py",),
+    "reference/tokenizer.py": (
+        "tests/test_mutation_kills_tokenizer.py",
+        "tests/test_detokenizer.py",
+    ),
     "conformance/comparator.py": (
         "tests/test_thresholds.py",
         "tests/test_conformance_comparator.py",
