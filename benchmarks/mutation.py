@@ -71,7 +71,10 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     ),
     "reference/batch_cache.py": ("tests/test_batch.py",),
     "reference/generate.py": ("tests/test_boundaries_reference.py", "tests/test_generate.py"),
-    "reference/speculative.py": ("tests/test_generate.py",),
+    "reference/speculative.py": (
+        "tests/test_mutation_kills_speculative.py",
+        "tests/test_generate.py",
+    ),
     "reference/tokenizer.py": (
         "tests/test_mutation_kills_tokenizer.py",
         "tests/test_detokenizer.py",
