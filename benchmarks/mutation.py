@@ -70,7 +70,12 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_generate.py",
     ),
     "reference/batch_cache.py": ("tests/test_batch.py",),
-    "reference/generate.py": ("tests/test_boundaries_reference.py", "tests/test_generate.py"),
+    "reference/generate.py": (
+        "tests/test_mutation_kills_generate.py",
+        "tests/test_boundaries_reference.py",
+        "tests/test_generate.py",
+        "tests/test_faults_reference.py",
+    ),
     "reference/speculative.py": (
         "tests/test_mutation_kills_speculative.py",
         "tests/test_generate.py",
