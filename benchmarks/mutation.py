@@ -69,7 +69,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_prompt_cache.py",
         "tests/test_generate.py",
     ),
-    "reference/batch_cache.py": ("tests/test_batch.py",),
+    "reference/batch_cache.py": ("tests/test_mutation_kills_batch_cache.py", "tests/test_batch.py"),
     "reference/generate.py": (
         "tests/test_mutation_kills_generate.py",
         "tests/test_boundaries_reference.py",
