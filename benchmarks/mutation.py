@@ -93,7 +93,10 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "conformance/sampling/stats.py": ("tests/test_thresholds.py", "tests/test_sampler_stats.py"),
     "conformance/checks/*": ("tests/test_conformance_catalogue.py", "tests/test_sampler_stats.py"),
     "conformance/snapshots/compare.py": ("tests/test_snapshots.py",),
-    "conformance/validation.py": ("tests/test_conformance_validation.py",),
+    "conformance/validation.py": (
+        "tests/test_mutation_kills_validation.py",
+        "tests/test_conformance_validation.py",
+    ),
 }
 
 # mutmut's statuses: which count as caught, which as not, which are left out of the score.
