@@ -10,7 +10,8 @@ top-k logprobs, after llama.cpp's ``llama-perplexity --kl-divergence``:
 - top-1 agreement: how often the engine's most likely token is the reference's,
   over all positions and over the *clear* ones (the reference's top-1/top-2
   margin at least the profile's ``tie_epsilon``), where numeric noise cannot
-  flip the order;
+  flip the order; and the largest reference margin a disagreement crossed
+  (what a profile's ``tie_epsilon`` must cover);
 - Δp = p_engine - p_reference of the reference's top token: RMS and
   percentiles of its magnitude.
 
@@ -99,6 +100,9 @@ class Position:
     same_top: bool
     clear: bool  # the reference's margin is at least the profile's tie epsilon
     dp: float  # engine minus reference probability of the reference's top token
+    # Where the top tokens differ: the reference's logprob margin between its top token and
+    # the engine's (at least the margin to its last listed token when it does not list it).
+    crossed: float = 0.0
 
 
 def listed_probabilities(listed: TopList) -> dict[int, float]:
@@ -134,14 +138,19 @@ def position(text: str, index: int, reference: TopList, engine: TopList,
     top, top_lp = reference[0]
     margin = top_lp - reference[1][1] if len(reference) > 1 else math.inf
     q_top = math.exp(dict(engine).get(top, -math.inf))
+    engine_top = engine[0][0]
+    crossed = 0.0
+    if engine_top != top:
+        crossed = top_lp - dict(reference).get(engine_top, reference[-1][1])
     return Position(
         text=text,
         index=index,
         kl=kl,
         tail=tail,
-        same_top=engine[0][0] == top,
+        same_top=engine_top == top,
         clear=margin >= epsilon,
         dp=q_top - math.exp(top_lp),
+        crossed=crossed,
     )
 
 
@@ -158,6 +167,7 @@ class Summary:
     top1: float  # fraction of positions
     clear_positions: int
     clear_top1: float  # fraction of the clear positions (1.0 when there are none)
+    crossed_max: float  # the largest reference margin a top-1 disagreement crossed
     dp_rms: float
     dp_median: float  # of |dp|
     dp_p90: float
@@ -181,6 +191,7 @@ def summarize(positions: list[Position]) -> Summary:
         top1=sum(p.same_top for p in positions) / len(positions),
         clear_positions=len(clear),
         clear_top1=sum(p.same_top for p in clear) / len(clear) if clear else 1.0,
+        crossed_max=max(p.crossed for p in positions),
         dp_rms=float(np.sqrt(np.mean(dp**2))),
         dp_median=float(np.median(np.abs(dp))),
         dp_p90=float(np.percentile(np.abs(dp), 90)),

@@ -24,6 +24,7 @@ from conformance.agreement import (
     exceeded,
     load_texts,
     measure,
+    position,
 )
 from conformance.profiles import AgreementLimits, get_profile
 from engines.models import ModelSource
@@ -87,6 +88,17 @@ def test_an_engine_without_the_reference_rest_mass_pays_for_it_at_the_resolution
     )
     assert tail == pytest.approx(0.2)
     assert value == pytest.approx(expected)
+
+
+def test_a_top1_disagreement_records_the_reference_margin_it_crossed():
+    reference = [(1, -0.2), (2, -0.5), (3, -3.0)]
+    swapped = position("t", 1, reference, [(2, -0.3), (1, -0.4)], epsilon=0.1)
+    assert not swapped.same_top and swapped.clear  # margin 0.3 >= 0.1
+    assert swapped.crossed == pytest.approx(0.3)
+    assert swapped.dp == pytest.approx(math.exp(-0.4) - math.exp(-0.2))
+    # A token the reference does not list: at least the margin to its last listed one.
+    assert position("t", 1, reference, [(9, -0.1)], epsilon=0.1).crossed == pytest.approx(2.8)
+    assert position("t", 1, reference, reference, epsilon=0.1).crossed == 0.0
 
 
 # -- measuring engines on dummy ---------------------------------------------------------------

@@ -192,6 +192,7 @@ COLUMNS = (
     ("KL max", "kl_max", "{:.3g}"),
     ("top-1", "top1", "{:.2%}"),
     ("top-1 clear", "clear_top1", "{:.2%}"),
+    ("crossed max", "crossed_max", "{:.3g}"),
     ("|dp| median", "dp_median", "{:.3g}"),
     ("|dp| p99", "dp_p99", "{:.3g}"),
     ("|dp| max", "dp_max", "{:.3g}"),
