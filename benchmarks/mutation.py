@@ -92,7 +92,10 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "conformance/profiles.py": ("tests/test_thresholds.py", "tests/test_conformance_comparator.py"),
     "conformance/sampling/stats.py": ("tests/test_thresholds.py", "tests/test_sampler_stats.py"),
     "conformance/checks/*": ("tests/test_conformance_catalogue.py", "tests/test_sampler_stats.py"),
-    "conformance/snapshots/compare.py": ("tests/test_snapshots.py",),
+    "conformance/snapshots/compare.py": (
+        "tests/test_mutation_kills_snapshot_compare.py",
+        "tests/test_snapshots.py",
+    ),
     "conformance/validation.py": (
         "tests/test_mutation_kills_validation.py",
         "tests/test_conformance_validation.py",
