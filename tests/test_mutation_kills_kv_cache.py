@@ -135,6 +135,8 @@ def test_slack_stores_extra_recent_keys_that_can_be_trimmed_exactly():
     # Sink 0, window - 1 = 2 recent (7, 8) and 2 slack positions (5, 6) before them.
     assert seen(cache.keys) == [0, 5, 6, 7, 8]
     assert cache.size() == 5 and cache.trimmable() == 2
+    # Query 9 sees sink 0, 7, 8 and itself; the slack positions 5 and 6 are stored but masked.
+    assert cache.make_mask(1).tolist() == [[True, False, False, True, True, True]]
     assert cache.trim(2) == 2
     assert cache.offset == 7 and seen(cache.keys) == [0, 5, 6]
     # Query 7 sees exactly what it saw before positions 7 and 8 were added.
@@ -142,7 +144,9 @@ def test_slack_stores_extra_recent_keys_that_can_be_trimmed_exactly():
     assert cache.trimmable() == 0
     with pytest.raises(ValueError, match=r"cannot trim 1 .* \(slack 2\); at most 0"):
         cache.trim(1)
-    assert RotatingKVCache(max_size=4, keep=1, slack=1).is_trimmable()
+    one = RotatingKVCache(max_size=4, keep=1, slack=1)
+    feed(one, 0, 9)
+    assert one.is_trimmable() and one.trimmable() == 1
 
 
 def test_trimming_more_than_the_offset_trims_the_offset():
