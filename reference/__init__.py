@@ -17,7 +17,14 @@ Where to find things:
 - loading.py           load(): built-in models, HF folders, GGUF files, Hub ids
 - dummy.py, gguf.py    the built-in tiny models (one per family); the GGUF reader
 - export.py            write a model as a standard Hugging Face folder
+- blas.py              OpenBLAS under MLX's float32 matmuls (loaded before mlx.core)
+- fast_path.py         the fast path: quantized weights de-quantized once, at load
 """
+
+from . import blas
+
+# Before anything imports mlx.core: its BLAS symbols are bound when it is loaded.
+blas.install()
 
 from .batch import BatchGenerator, BatchResponse, batch_generate
 from .generate import GenerationResponse, generate, generate_step, stream_generate

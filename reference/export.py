@@ -40,7 +40,8 @@ def export_model(name_or_path: str, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder")
-    model, tokenizer, config = load(name_or_path, return_config=True)
+    # The exact path: the folder keeps the quantized weights as they are stored.
+    model, tokenizer, config = load(name_or_path, return_config=True, fast=False)
     out.mkdir(parents=True, exist_ok=True)
 
     weights = dict(tree_flatten(model.parameters()))
