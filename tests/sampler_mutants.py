@@ -4,6 +4,11 @@ Each sampler factory has ``reference.make_sampler``'s signature and differs from
 in exactly one way, a bug seen in real engines. ``test_sampler_stats.py`` checks that
 the catalogue's sampling cases (``conformance/cases.toml``), judged on batched draws of
 each, fail it by a wide margin.
+
+``SEQUENCE_MUTANTS`` sample the first token exactly as the reference does (so every
+one-token check passes them) and go wrong from the second step on; ``REPORT_MUTANTS``
+sample correctly and report the wrong logprobs. ``test_sampling_sequences.py`` shows
+the multi-token cases and the ``sampled logprobs`` finding catch them.
 """
 
 from __future__ import annotations
@@ -111,6 +116,59 @@ SAMPLER_MUTANTS = {
     "min-p relative to 1": min_p_relative_to_one,
     "min-p after temperature": min_p_after_temperature,
 }
+
+
+def temperature_only_at_first_step(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Applies the temperature to the first token only and draws the later ones at
+    temperature 1 (the setting reaches the prefill path's sampler but not the decode
+    loop's)."""
+    first = reference.make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k)
+    later = reference.make_sampler(1.0, top_p, min_p, min_tokens_to_keep, top_k)
+    steps = 0
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal steps
+        steps += 1
+        return (first if steps == 1 else later)(logprobs)
+
+    return sampler
+
+
+def top_p_mask_from_first_step(temp=0.0, top_p=0.0, min_p=0.0, min_tokens_to_keep=1, top_k=0):
+    """Computes the top-p mask at the first step and reuses it at every later one (filter
+    state kept across steps: a mask buffer allocated once and never recomputed)."""
+    mask = None
+
+    def stale_top_p(logprobs: mx.array, top_p: float) -> mx.array:
+        nonlocal mask
+        if mask is None:
+            mask = apply_top_p(logprobs, top_p) > NEG_INF
+        return mx.where(mask, logprobs, NEG_INF)
+
+    filters = filters_for(top_p, min_p, min_tokens_to_keep, top_k, top_p_filter=stale_top_p)
+    return chained_sampler(filters, temp)
+
+
+SEQUENCE_MUTANTS = {
+    "temperature only at the first step": temperature_only_at_first_step,
+    "top-p mask kept from the first step": top_p_mask_from_first_step,
+}
+
+
+def logprobs_after_filters(logprobs: mx.array, settings) -> mx.array:
+    """Reports the log-probabilities of the distribution the token was drawn from
+    (filtered, tempered, renormalised) instead of the model's (PROTOCOL.md S2)."""
+    filters = filters_for(
+        settings.top_p, settings.min_p, settings.min_tokens_to_keep, settings.top_k
+    )
+    for keep_likely in filters:
+        logprobs = keep_likely(logprobs)
+    scaled = logprobs * (1.0 / settings.temp)
+    return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
+# For ``reference_generation_draw(model, reported=...)``.
+REPORT_MUTANTS = {"logprobs after temperature and filters": logprobs_after_filters}
 
 
 def draft_token_on_rejection_draw(model, draft_model, num_draft_tokens: int) -> SequenceDraw:

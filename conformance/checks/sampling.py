@@ -36,6 +36,14 @@ so each test keeps its size); all tokens emitted at one position are also tested
 together, each against its own prefix's conditional, so that prefixes reached
 too rarely to be tested alone still count. Every prefix gets the support check.
 
+A third finding, ``sampled logprobs``: the logprob the engine reported with every
+token it sampled must agree, within the precision profile's tolerance, with the
+reference's log-probability of that token at the same prefix (the reference
+teacher-forced on the engine's own tokens; ``conformance/sampling/paths.py``).
+PROTOCOL.md S2 defines it before temperature and filters, so an engine reporting the
+tempered or filtered distribution it drew from fails here while drawing correctly.
+It is not statistical: a correct engine never fails it.
+
 Each context's support must be *stable*: if nudging a filter's threshold by 1e-3
 changed which tokens survive, a different but correct engine could disagree,
 so such a case is reported as no longer testing what it says. (Speculative
@@ -61,7 +69,16 @@ import numpy as np
 from conformance.catalogue import Case, CatalogueError, build_request
 from conformance.checks.context import CaseContext
 from conformance.comparator import PASS
-from conformance.sampling.draws import NextTokenDraw, SequenceDraw, first_tokens, request_draw
+from conformance.profiles import PrecisionProfile
+from conformance.sampling.draws import (
+    Generation,
+    GenerationDraw,
+    NextTokenDraw,
+    SequenceDraw,
+    first_tokens,
+    request_generation_draw,
+)
+from conformance.sampling.paths import SHOWN_MISMATCHES, PathLogprobs, compare_path_logprobs
 from conformance.sampling.stats import (
     DEFAULT_ALPHA,
     Aggregate,
@@ -217,6 +234,40 @@ def judge_plan(
     return judge_sequences(plan, logprobs_at, draw, describe_token, decode, seed_set)
 
 
+def judge_generations(
+    plan: SamplingPlan,
+    logprobs_at: LogprobsAt,
+    draw: GenerationDraw,
+    profile: PrecisionProfile,
+    describe_token: Callable[[int], str] = str,
+    decode: Callable[[list[int]], str] | None = None,
+    seed_set: int = 0,
+) -> tuple[SamplerVerdict, list[PathLogprobs]]:
+    """``judge_plan`` on the generations' tokens, and their reported logprobs against the
+    reference's on the same paths (one ``PathLogprobs`` per context)."""
+    drawn: list[tuple[list[int], list[Generation]]] = []
+
+    def tokens_draw(context, settings, seed, n, length):
+        generations = draw(context, settings, seed, n, length)
+        drawn.append((list(context), generations))
+        return [g.tokens for g in generations]
+
+    verdict = judge_plan(plan, logprobs_at, tokens_draw, describe_token, decode, seed_set)
+    texts = {tokens: text for text, tokens in plan.contexts}
+    paths = [
+        compare_path_logprobs(
+            repr(texts[tuple(context)]),
+            context,
+            generations,
+            logprobs_at,
+            profile.logprobs_agree,
+            profile.logprob_tolerance,
+        )
+        for context, generations in drawn
+    ]
+    return verdict, paths
+
+
 def judge_next_token(
     plan: SamplingPlan,
     logprobs_at: LogprobsAt,
@@ -306,17 +357,45 @@ def run_distribution(ctx: CaseContext) -> None:
     plan = sampling_plan(ctx.case, ctx.oracle)
     ctx.require(plan.request.capabilities_needed())
 
-    def run(request: GenerateRequest) -> list[int]:
-        return ctx.run(request, f"draw with seed {request.sampler.seed}").tokens
+    def run(request: GenerateRequest) -> Generation:
+        trace = ctx.run(request, f"draw with seed {request.sampler.seed}")
+        return Generation(trace.tokens, [event.logprob for event in trace.events])
 
-    verdict = judge_plan(
+    verdict, paths = judge_generations(
         plan,
         reference_logprobs(ctx.reference, ctx.oracle.vocab_size, plan.request),
-        request_draw(run, plan.request),
+        request_generation_draw(run, plan.request),
+        ctx.profile,
         ctx.oracle.token_text,
         ctx.oracle.decode,
     )
     record_verdict(ctx, plan, verdict)
+    record_path_logprobs(ctx, paths)
+
+
+def record_path_logprobs(ctx: CaseContext, paths: list[PathLogprobs]) -> None:
+    compared = sum(p.compared for p in paths)
+    if not compared:
+        ctx.add("sampled logprobs", PASS, "pass: not compared (the engine reports no logprobs)")
+        return
+    largest = max(p.largest_difference for p in paths)
+    scope = f"{compared} sampled tokens' logprobs, profile {ctx.profile.name}"
+    wrong = [(p.context, m) for p in paths for m in p.mismatches]
+    if not wrong:
+        ctx.add(
+            "sampled logprobs",
+            PASS,
+            f"pass: {scope} agree with the reference on the engine's paths "
+            f"(largest difference {largest:.2g})",
+        )
+        return
+    lines = [m.describe(context, ctx.oracle.token_text(m.token)) for context, m in wrong]
+    summary = f"FAIL: {len(wrong)} of {scope} differ from the reference's: {lines[0]}"
+    details = "\n".join(
+        [summary, "the first mismatches (logprob: before temperature and filters, S2):"]
+        + [f"  {line}" for line in lines[:SHOWN_MISMATCHES]]
+    )
+    ctx.fail("sampled logprobs", summary, details)
 
 
 def record_verdict(ctx: CaseContext, plan: SamplingPlan, verdict: SamplerVerdict) -> None:

@@ -6,8 +6,10 @@ one small callable, and anything able to sample can provide it:
 - ``NextTokenDraw``: ``draw(context_tokens, settings, seed, n) -> list[int]``, n draws
   of the token that follows ``context_tokens``;
 - ``SequenceDraw``: ``draw(context_tokens, settings, seed, n, length) -> list[list[int]]``,
-  n generations of up to ``length`` tokens each (for speculative decoding, where every
-  emitted position must follow the target model's distribution).
+  n generations of up to ``length`` tokens each (every emitted position must follow the
+  model's distribution at the prefix it followed: plain or speculative sampling);
+- ``GenerationDraw``: the same, each generation a ``Generation``: its tokens and the
+  logprob the engine reported for each (judged by ``paths.py``).
 
 The same ``seed`` must give the same draws; different seeds, independent ones.
 
@@ -15,6 +17,8 @@ Implementations here:
 
 - ``reference_draw``: the reference's sampler, batched (see below), fast;
 - ``reference_speculative_draw``: one ``speculative_generate_step`` run per draw;
+- ``reference_generation_draw``: n generations of the reference as the rows of one
+  batch, one forward pass per step for all of them (fast);
 - ``request_draw``: any engine that answers ``GenerateRequest``s (the adapters), one
   seeded request per draw: the path a user's engine takes (about 5 ms a draw for the
   reference on dummy).
@@ -29,7 +33,7 @@ MLX and the reference are imported only by the reference draws, when called:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,17 @@ from engines.protocol import GenerateRequest, SamplerSettings
 
 NextTokenDraw = Callable[[list[int], SamplerSettings, int, int], list[int]]
 SequenceDraw = Callable[[list[int], SamplerSettings, int, int, int], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled generation: its tokens and the logprob reported with each (None: none)."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+
+
+GenerationDraw = Callable[[list[int], SamplerSettings, int, int, int], list[Generation]]
 Sampler = Callable[[Any], Any]  # an mx.array of logprobs -> an mx.array of token ids
 # make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k); None: the reference's own.
 SamplerFactory = Callable[..., Sampler]
@@ -138,6 +153,59 @@ def reference_speculative_draw(
     return draw
 
 
+def reference_generation_draw(
+    model,
+    sampler_factory: SamplerFactory | None = None,
+    reported: Callable[[Any, SamplerSettings], Any] | None = None,
+) -> GenerationDraw:
+    """n generations of ``length`` tokens, as the n rows of one batch.
+
+    Every row has the same prompt and, at every step, the same length, so the
+    model's batched forward pass with an ordinary KV cache serves them all; the
+    sampler is called once per step on the n rows' logprobs (one sampler per call
+    of ``draw``: a sampler with state keeps it across the steps of a generation, as
+    in ``generate_step``). Generations do not stop at end tokens: every prefix is
+    still judged against the reference's distribution there.
+
+    ``reported(logprobs, settings)`` is the vector each step's reported logprob is
+    read from (default: the log-softmax the sampler sees, as PROTOCOL.md S2 says),
+    so that tests can hand in an engine that reports something else.
+    """
+    import mlx.core as mx
+
+    from reference.kv_cache import make_prompt_cache
+
+    def draw(
+        context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
+    ) -> list[Generation]:
+        sampler = sampler_for(settings, sampler_factory)
+        cache = make_prompt_cache(model)
+        inputs = mx.broadcast_to(mx.array(context), (n, len(context)))
+        mx.random.seed(seed)
+        tokens, logprobs = [], []
+        for _ in range(length):
+            logits = model(inputs, cache=cache)[:, -1, :].astype(mx.float32)
+            step_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            chosen = sampler(step_logprobs)
+            shown = step_logprobs if reported is None else reported(step_logprobs, settings)
+            tokens.append(chosen)
+            logprobs.append(mx.take_along_axis(shown, chosen[:, None], axis=-1)[:, 0])
+            inputs = chosen[:, None]
+        tokens, logprobs = mx.stack(tokens, axis=1).tolist(), mx.stack(logprobs, axis=1).tolist()
+        return [Generation(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+
+    return draw
+
+
+def generation_tokens(draw: GenerationDraw) -> SequenceDraw:
+    """A sequence draw from a generation draw: the tokens only."""
+
+    def sequence_draw(context, settings, seed, n, length):
+        return [g.tokens for g in draw(context, settings, seed, n, length)]
+
+    return sequence_draw
+
+
 def request_seeds(seed: int, n: int) -> list[int]:
     """n distinct, independent-looking 32-bit seeds derived from one (for n separate requests)."""
     return np.random.SeedSequence(seed).generate_state(n).tolist()
@@ -154,25 +222,38 @@ def request_draw(
     ``max_tokens`` and the settings with the draw's own seed. A generation may end
     early at an end token; the statistics only use the positions that were generated.
     """
+
+    def run_generation(request: GenerateRequest) -> Generation:
+        tokens = list(run(request))
+        return Generation(tokens, [None] * len(tokens))
+
+    return generation_tokens(request_generation_draw(run_generation, template))
+
+
+def request_generation_draw(
+    run: Callable[[GenerateRequest], Generation], template: GenerateRequest | None = None
+) -> GenerationDraw:
+    """``request_draw`` for an engine whose answers carry logprobs: ``run(request)``
+    returns the generation, its tokens and their reported logprobs."""
     template = template if template is not None else GenerateRequest()
 
     def draw(
         context: list[int], settings: SamplerSettings, seed: int, n: int, length: int
-    ) -> list[list[int]]:
-        return [
-            list(
-                run(
-                    replace(
-                        template,
-                        prompt=list(context),
-                        prompt_embeddings=None,
-                        max_tokens=length,
-                        sampler=replace(settings, seed=request_seed),
-                    )
-                )
-            )[:length]
-            for request_seed in request_seeds(seed, n)
-        ]
+    ) -> list[Generation]:
+        generations = []
+        for request_seed in request_seeds(seed, n):
+            request = replace(
+                template,
+                prompt=list(context),
+                prompt_embeddings=None,
+                max_tokens=length,
+                sampler=replace(settings, seed=request_seed),
+            )
+            generation = run(request)
+            generations.append(
+                Generation(list(generation.tokens)[:length], list(generation.logprobs)[:length])
+            )
+        return generations
 
     return draw
 

@@ -407,6 +407,8 @@ def monte_carlo_p_value(fit: FitResult, n_simulations: int) -> float:
     rng = np.random.default_rng(observed.tolist())
     simulated_counts = np.zeros((n_simulations, len(expected)))
     for size, cell_probabilities in fit.parts:
+        # A cell holding nearly all the mass may sum to 1 + 1e-16, which multinomial refuses.
+        cell_probabilities = np.minimum(cell_probabilities, 1.0)
         simulated_counts += rng.multinomial(size, cell_probabilities, n_simulations)
     simulated = ((simulated_counts - expected) ** 2 / expected).sum(axis=1)
     extreme = int((simulated >= fit.statistic * (1 - 1e-9)).sum())
