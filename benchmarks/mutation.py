@@ -85,6 +85,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_detokenizer.py",
     ),
     "conformance/comparator.py": (
+        "tests/test_mutation_kills_comparator.py",
         "tests/test_thresholds.py",
         "tests/test_conformance_comparator.py",
         "tests/test_resumption.py",

@@ -66,10 +66,12 @@ def test_a_token_divergence_beyond_epsilon_renders_both_sides():
     )
     actual = make_trace([72, 111], [-0.1, -0.3], [[(72, -0.1)], [(111, -0.3), (105, -0.9)]])
     c = compare(expected, actual)
-    assert c.render("ref", "eng") == "\n".join(
+    assert c.render("ref", "eng").splitlines() == (
         [
-            "FAIL: tokens diverge: at step 1 ref chose 'i' (id 105), eng chose 'o' (id 111); "
-            "ref margin 0.5 >= epsilon 0.01 (profile fp32)",
+            (
+                "FAIL: tokens diverge: at step 1 ref chose 'i' (id 105), eng chose 'o' (id 111); "
+                "ref margin 0.5 >= epsilon 0.01 (profile fp32)"
+            ),
             "  step 1, after 'H'",
             "  ref: logprob('i') = -0.2, logprob('o') = -0.7",
             "  eng: logprob('o') = -0.3, logprob('i') = -0.9",
@@ -114,8 +116,10 @@ def test_an_unlisted_token_gives_a_lower_bound_and_no_logprobs_give_no_margin():
     assert compare(close, actual).verdict == FAIL
     bare = compare(make_trace([72, 105]), make_trace([72, 120]))
     assert bare.render("ref", "eng").splitlines() == [
-        "FAIL: tokens diverge: at step 1 ref chose 'i' (id 105), eng chose 'x' (id 120); "
-        "ref reported no logprobs, so no near-tie can be recognised (profile fp32)",
+        (
+            "FAIL: tokens diverge: at step 1 ref chose 'i' (id 105), eng chose 'x' (id 120); "
+            "ref reported no logprobs, so no near-tie can be recognised (profile fp32)"
+        ),
         "  step 1, after 'H'",
         "  ref: logprob('i') = unknown, logprob('x') = unknown",
         "  eng: logprob('x') = unknown, logprob('i') = unknown",
@@ -127,10 +131,12 @@ def test_a_logprob_error_on_the_shared_prefix_names_step_values_and_tolerance():
     expected = make_trace([72, 105], [-0.1, -0.2], [[(72, -0.1)], [(105, -0.2)]])
     actual = make_trace([72, 105], [-0.1, -0.25], [[(72, -0.1)], [(105, -0.25), (33, -4.0)]])
     c = compare(expected, actual)
-    assert c.render("ref", "eng") == "\n".join(
+    assert c.render("ref", "eng").splitlines() == (
         [
-            "FAIL: logprob of 'i' at step 1 differs: ref -0.2, eng -0.25 "
-            "(|diff| 0.05 > tolerance 0.00202, profile fp32)",
+            (
+                "FAIL: logprob of 'i' at step 1 differs: ref -0.2, eng -0.25 "
+                "(|diff| 0.05 > tolerance 0.00202, profile fp32)"
+            ),
             "  step 1, after 'H'",
             "  tolerance 0.00202",
             "  ref top-1: 'i'(105) -0.2000",
@@ -155,8 +161,10 @@ def test_lengths_differ_either_way():
     assert c.render("ref", "eng").splitlines() == [
         "FAIL: lengths differ: ref 2 tokens, eng 3 tokens, identical over the first 2",
         "  step 2, after 'Hi'",
-        "  ref ended after 2 tokens (finish_reason 'stop'); eng went on with '!' (id 33) to "
-        "3 tokens (finish_reason 'length')",
+        (
+            "  ref ended after 2 tokens (finish_reason 'stop'); eng went on with '!' (id 33) to "
+            "3 tokens (finish_reason 'length')"
+        ),
     ]
     assert (c.diagnostic.expected_token, c.diagnostic.actual_token) == (None, 33)
     assert fields(c) == (FAIL, 2, None, [], None, 0, False)
@@ -296,9 +304,11 @@ def test_a_token_far_from_the_references_top_on_the_engines_path_fails():
     actual = engine(PATH_TOKENS, [-0.1, -0.1, -0.104, -0.3, -0.1], [[]] * 3 + [[(65, -0.3)]] * 2)
     c = compare(EXPECTED, actual, resume=resume)
     assert c.render("ref", "eng").splitlines() == [
-        "FAIL: on eng's own path, at step 3 eng chose 'A' (id 65) where ref's top token is "
-        "'F' (id 70); margin 0.4 >= epsilon 0.01 (profile fp32); after 1 near-tie crossed "
-        "(steps 2)",
+        (
+            "FAIL: on eng's own path, at step 3 eng chose 'A' (id 65) where ref's top token is "
+            "'F' (id 70); margin 0.4 >= epsilon 0.01 (profile fp32); after 1 near-tie crossed "
+            "(steps 2)"
+        ),
         "  step 3, after 'Hix'",
         "  after 1 near-tie crossed (steps 2)",
         "  ref: logprob('F') = -0.1, logprob('A') = -0.5",
@@ -319,9 +329,11 @@ def test_a_logprob_error_on_the_engines_path_fails():
     actual = engine(PATH_TOKENS, [-0.1, -0.1, -0.104, -0.3, -0.1])
     c = compare(EXPECTED, actual, resume=resume)
     assert c.render("ref", "eng").splitlines() == [
-        "FAIL: on eng's own path, logprob of 'A' at step 3 differs: ref on eng's path -0.2, "
-        "eng -0.3 (|diff| 0.1 > tolerance 0.00202, profile fp32); after 1 near-tie crossed "
-        "(steps 2)",
+        (
+            "FAIL: on eng's own path, logprob of 'A' at step 3 differs: ref on eng's path -0.2, "
+            "eng -0.3 (|diff| 0.1 > tolerance 0.00202, profile fp32); after 1 near-tie crossed "
+            "(steps 2)"
+        ),
         "  step 3, after 'Hix'",
         "  after 1 near-tie crossed (steps 2)",
         "  tolerance 0.00202",
