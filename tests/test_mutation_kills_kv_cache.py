@@ -343,3 +343,15 @@ def test_a_sound_file_loads_with_or_without_its_metadata(tmp_path):
     assert isinstance(plain, list) and [c.offset for c in plain] == [3, 7, 0]
     write(tmp_path / "u.safetensors", [], user='{"note": "x"}')
     assert load_prompt_cache(str(tmp_path / "u.safetensors"), True) == ([], {"note": "x"})
+
+
+def test_growth_follows_positions_not_the_head_size():
+    """A head wider than the storage step must not be mistaken for room to grow into."""
+    cache = KVCache()
+    wide = mx.ones((1, 1, 3, 2 * KVCache.step))
+    cache.update_and_fetch(wide, wide)
+    more = mx.full((1, 1, KVCache.step - 2, 2 * KVCache.step), 2.0)
+    keys, _ = cache.update_and_fetch(more, more)
+    assert cache.keys.shape[2] == 2 * KVCache.step
+    assert keys.shape[2] == KVCache.step + 1
+    assert keys[0, 0, :, 0].tolist() == [1.0] * 3 + [2.0] * (KVCache.step - 2)
