@@ -44,6 +44,11 @@ def test_the_last_segment_is_given_once(hf):
     assert detokenizer.tokens == [97, 98] and all(type(t) is int for t in detokenizer.tokens)
     assert detokenizer.last_segment == "ab"
     assert detokenizer.last_segment == ""
+    # Text not yet taken is kept through finalize, with what finalize adds.
+    detokenizer.add_token(ord("c"))
+    detokenizer.add_token(ord(" "))
+    detokenizer.finalize()
+    assert detokenizer.last_segment == "c "
 
 
 class Rewriting:
@@ -80,12 +85,13 @@ def test_an_eos_token_is_added_by_name_or_id_and_an_unknown_one_refused(hf):
     wrapper = TokenizerWrapper(hf, eos_token_ids=[])
     wrapper.add_eos_token("a")
     wrapper.add_eos_token(5)
-    assert wrapper.eos_token_ids == {97, 5}
+    wrapper.add_eos_token(0)  # id 0 is a token like any other
+    assert wrapper.eos_token_ids == {97, 5, 0}
     for bad in ("zzz", -1):
         with pytest.raises(ValueError) as raised:
             wrapper.add_eos_token(bad)
         assert str(raised.value) == f"'{bad}' is not a token of this vocabulary"
-    assert wrapper.eos_token_ids == {97, 5}
+    assert wrapper.eos_token_ids == {97, 5, 0}
 
 
 def test_the_chat_template_gives_a_plain_list_of_ids(hf):
@@ -104,8 +110,11 @@ def test_everything_else_is_the_wrapped_tokenizers(hf):
     detokenizer = wrapper.detokenizer
     assert isinstance(detokenizer, StreamingDetokenizer) and detokenizer.text == ""
     assert pieces(detokenizer, hf.encode("é")) == ["", "é", ""]
-    with pytest.raises(AttributeError):
-        wrapper.__array_interface__  # noqa: B018 - a dunder is never delegated
+    # A dunder is never delegated, even one the wrapped tokenizer has.
+    assert callable(hf.__call__)
+    with pytest.raises(AttributeError) as raised:
+        wrapper.__call__  # noqa: B018
+    assert raised.value.args == ("__call__",)
     # A wrapper not yet initialised (as copy and pickle make them) must not recurse.
     with pytest.raises(AttributeError):
         TokenizerWrapper.__new__(TokenizerWrapper).eos_token_id  # noqa: B018
