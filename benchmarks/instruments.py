@@ -6,9 +6,9 @@ Neither measures anything real. They exist so the tests can prove the timing cha
 - ``SyntheticEngine`` an engine adapter (``engines.adapters.base.Engine``) that burns a
                       known amount of CPU time per prompt token and per decode step;
                       ``lmconform bench --engines synthetic:step_ms=2`` opens it
-- ``slowed``          makes every decode step of any engine a given fraction slower
-                      (``--engines reference:slowdown=0.15``), to prove that a real
-                      15% regression is flagged and a 2% one is not
+- ``slowed``          makes the decode phase of any engine cost a given fraction
+                      more CPU time (``--engines reference:slowdown=0.15``), to prove
+                      that a real 15% regression is flagged and a 2% one is not
 - ``burn_cpu``        the busy-work both use
 """
 
@@ -42,19 +42,34 @@ def burn_cpu(seconds: float) -> None:
 
 
 def slowed(events: Iterable[T], fraction: float) -> Iterator[T]:
-    """``events``, each after the first delayed by ``fraction`` of the CPU time the process
-    spent producing it, before the consumer's clock sees it.
+    """``events`` (``TokenEvent`` or ``(row, TokenEvent)``) with the decode phase made
+    ``fraction`` more costly: each finishing event (one with a ``finish_reason``) is
+    held back by busy-work of ``fraction`` of the CPU time the process spent since the
+    first event (or the previous finishing one); prefill, up to the first event, is
+    left alone. Busy-work is real work: it adds its CPU time, and its wall time is what
+    that CPU time takes on this machine now, as for the engine's own computing (a sleep
+    would add wall time that no CPU-time metric sees, and a wake-up on a busy machine
+    costs a scheduling delay unrelated to its length).
 
-    Prefill (up to the first event) is left alone. For an engine computing on one
-    thread (the synthetic engine; MLX on CPU) that is ``fraction`` of each decode
-    step's duration; in a batch, the first event of a step carries the step's time.
+    Why at the finish and not between tokens: an engine may decode one step ahead (the
+    reference, as mlx-lm, queues step n+1 on MLX's worker thread before it hands out
+    token n). A delay between tokens then overlaps the engine's own work and gives its
+    worker slack, so the engine blocks less often; on a loaded machine each block costs
+    a trip through the scheduler, and a copy slowed between tokens came out *faster*
+    (the wrong-sign estimates of the first power runs). Paid at the finish, the delay
+    changes nothing the engine does: the trial's CPU time grows by exactly ``fraction``
+    of the decode phase's, and the decode rate (first to last token) by the busy-work's
+    wall time.
     """
-    last_cpu: float | None = None
+    mark: float | None = None  # process CPU time when the owed work started to accrue
     for item in events:
-        if last_cpu is not None:
-            burn_cpu(fraction * (time.process_time() - last_cpu))
+        event = item[1] if isinstance(item, tuple) else item
+        if mark is None:
+            mark = time.process_time()
+        elif event.finish_reason is not None:
+            burn_cpu(fraction * (time.process_time() - mark))
+            mark = time.process_time()
         yield item
-        last_cpu = time.process_time()
 
 
 class SyntheticEngine(Engine):

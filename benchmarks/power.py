@@ -39,7 +39,7 @@ from benchmarks.history import History
 from benchmarks.report import Table
 from benchmarks.stats import DEFAULT_MIN_EFFECT, REGRESSED
 
-METRICS = ("decode_tps", "cpu_s")
+METRICS = ("decode_tps", "cpu_s", "decode_cpu_s")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ For each workload:
    growth, caches), then more, up to ``max_warmup``, while the first metric still
    moves by more than ``stable_within`` from one round to the next;
 2. blocks: one trial per engine, in the block's order. Each trial records wall time
-   and this process's CPU time, and the machine's state from ``/proc/stat``: the
+   and this process's CPU time (the whole trial's, and its decode phase's: first to
+   last event), and the machine's state from ``/proc/stat``: the
    share of CPU time the hypervisor stole, and how many cores other processes kept
    busy. A block with a disturbed trial (steal above ``max_steal``, or the other
    processes' load off its running median by more than ``max_load_change`` cores)
@@ -314,16 +315,49 @@ class LoadTracker:
 read_counters: Callable[[], CpuCounters | None] = CpuCounters.read
 
 
+class DecodeCpu:
+    """``engine`` as the workload sees it, with this process's CPU time stamped at each
+    event: ``seconds`` adds up, over the trial's generations, the CPU time from the
+    first event to the last (the decode phase, as ``decode_tps`` times it on the wall
+    clock). The trial's ``cpu_s`` also holds prompt tokenization, request building and
+    prefill, which an engine's decode change does not touch and which dilute it."""
+
+    def __init__(self, engine: TimedEngine):
+        self.engine = engine
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate(self, request):
+        return self._stamped(self.engine.generate(request))
+
+    def stream_batch(self, request):
+        return self._stamped(self.engine.stream_batch(request))
+
+    def _stamped(self, events):
+        first = last = None
+        for item in events:
+            yield item
+            last = time.process_time()
+            first = last if first is None else first
+        if first is not None:
+            self.seconds += last - first
+
+
 def _timed(engine, workload, outcome, say, what) -> tuple[dict[str, float], dict] | None:
     """One measurement with its wall and CPU time and the machine's state around it."""
+    stamped = DecodeCpu(engine)
     before, wall, cpu = read_counters(), time.perf_counter(), time.process_time()
-    values = _attempt(engine, workload, outcome, say, what)
+    values = _attempt(stamped, workload, outcome, say, what)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     if values is None:
         return None
     # CPU time of this process: an engine in another process (cmd:) is not counted.
-    return {**values, "wall_s": wall, "cpu_s": cpu}, trial_facts(wall, cpu, before,
-                                                                 read_counters())
+    times = {"wall_s": wall, "cpu_s": cpu}
+    if stamped.seconds > 0:  # a prefill (one event per generation) has no decode phase
+        times["decode_cpu_s"] = stamped.seconds
+    return {**values, **times}, trial_facts(wall, cpu, before, read_counters())
 
 
 def _warm_up(plan: RunPlan, workload, active: list, outcome, say) -> None:

@@ -69,10 +69,12 @@ def test_compare_exits_nonzero_on_a_regression_and_zero_otherwise(db, capsys):
     capsys.readouterr()
     assert bench("compare", "--db", db) == 1  # previous vs latest
     out = capsys.readouterr().out
-    # decode_tps, and with it the trial's wall time and CPU time; peak memory unchanged.
-    assert "REGRESSED" in out and "decode_tps" in out and "3 regressed" in out
+    # decode_tps, and with it the trial's wall time, CPU time and decode-phase CPU time;
+    # peak memory unchanged.
+    assert "REGRESSED" in out and "decode_tps" in out and "4 regressed" in out
     assert re.search(r"decode_tps .* REGRESSED +slower by", out)
-    assert re.search(r"cpu_s .* REGRESSED", out) and re.search(r"wall_s .* REGRESSED", out)
+    assert re.search(r" cpu_s .* REGRESSED", out) and re.search(r"wall_s .* REGRESSED", out)
+    assert re.search(r"decode_cpu_s .* REGRESSED", out)
     assert bench("compare", 2, 1, "--db", db) == 0  # the other way round: improved
     assert "improved" in capsys.readouterr().out
     assert bench("compare", 1, 1, "--db", db) == 0
