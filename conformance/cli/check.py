@@ -85,6 +85,15 @@ def add_parser(subparsers) -> None:
         "(the committed golden outputs of the reference; needs no MLX) or a folder written "
         "by 'lmconform snapshot'",
     )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=jobs_option,
+        default=1,
+        metavar="N",
+        help="run in N worker processes, each loading a model once (default 1: in this "
+        "process); verdicts and reports are those of a serial run",
+    )
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.set_defaults(func=run)
 
@@ -99,6 +108,17 @@ def seconds_option(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected seconds, a number in (0, {MAX_TIMEOUT_S:g}], got {text!r}"
         )
+    return value
+
+
+def jobs_option(text: str) -> int:
+    """A number of worker processes: an integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {text!r}")
     return value
 
 
@@ -260,6 +280,7 @@ def check_engines(specs: list[str] | None) -> list[str]:
 
 def execute(args: argparse.Namespace, plan: Plan) -> int:
     """Run the plan; whatever stops it, write the reports of the cases that finished."""
+    from conformance import parallel
     from conformance.report import any_failed, format_matrix, format_problems
     from conformance.runner import FAIL, NEAR_TIE, PASS, run_matrix
 
@@ -285,16 +306,18 @@ def execute(args: argparse.Namespace, plan: Plan) -> int:
     started = time.perf_counter()
 
     def meta(results, stopped: str = "") -> dict:
+        # In the plan's order, however the columns finished (-j runs them side by side).
+        columns = [f"{e} @ {m}" for m in plan.models for e in plan.engines]
         data = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "engines": described,
+            "engines": {e: described[e] for e in plan.engines if e in described},
             "compared with": "the reference, live"
             if args.against == "reference"
             else f"snapshots ({'committed golden' if args.against == 'snapshots' else args.against})",
             "profiles": {
                 m: sorted({r.profile for r in results if r.model == m}) for m in plan.models
             },
-            "time per engine and model": timings,
+            "time per engine and model": {c: timings[c] for c in columns if c in timings},
             "total time": f"{time.perf_counter() - started:.1f} s",
             "machine": f"{platform.machine()}, {platform.system()}, "
             f"Python {platform.python_version()}",
@@ -303,19 +326,20 @@ def execute(args: argparse.Namespace, plan: Plan) -> int:
             data["stopped"] = stopped
         return data
 
+    common = {
+        "pattern": args.cases,
+        "profile_name": args.profile,
+        "timeout": args.timeout,
+        "progress": on_progress,
+        "on_skip": on_skip,
+        "on_done": on_done,
+        "against": args.against,
+    }
     try:
-        results = run_matrix(
-            plan.engines,
-            plan.models,
-            pattern=args.cases,
-            profile_name=args.profile,
-            timeout=args.timeout,
-            progress=on_progress,
-            on_skip=on_skip,
-            on_done=on_done,
-            against=args.against,
-            oracles=plan.oracles,
-        )
+        if args.jobs > 1:  # the workers open the snapshots again: they were checked above
+            results = parallel.run_matrix_parallel(args.jobs, plan.engines, plan.models, **common)
+        else:
+            results = run_matrix(plan.engines, plan.models, oracles=plan.oracles, **common)
     except BaseException as stop:  # a signal, or a bug: keep what was finished, then go on
         progress.finish()
         why = f"the run was stopped early ({type(stop).__name__}: {stop})"
@@ -369,7 +393,8 @@ class Progress:
 
     A case that runs longer than ``heartbeat_s`` says so every ``heartbeat_s`` seconds,
     with its elapsed time (a heartbeat thread), so that a long sampling case is not
-    mistaken for a hang.
+    mistaken for a hang. Under ``-j`` several cases run at once: each has its own line
+    and heartbeat (a terminal shows the one started last).
     """
 
     def __init__(self, stream, heartbeat_s: float = HEARTBEAT_S):
@@ -377,7 +402,7 @@ class Progress:
         self.live = stream.isatty()
         self.heartbeat_s = heartbeat_s
         self._lock = threading.Lock()
-        self._running: tuple[str, float] | None = None  # the running case's prefix, start
+        self._running: dict[str, float] = {}  # each running case's prefix -> its start
         self._last_write = time.monotonic()
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="progress", daemon=True)
@@ -387,11 +412,11 @@ class Progress:
         prefix = f"[{engine} @ {model} {index + 1:>{len(str(total))}}/{total}] {case.id}"
         with self._lock:
             if result is None:
-                self._running = (prefix, time.monotonic())
+                self._running[prefix] = time.monotonic()
                 if self.live:
                     self._write(f"\r\033[K{prefix} ...")
                 return
-            self._running = None
+            self._running.pop(prefix, None)
             verdict = result.verdict.upper() if result.verdict == "fail" else result.verdict
             line = f"{prefix} {verdict} ({result.duration_s:.2f} s)"
             self._write(("\r\033[K" if self.live else "") + line + "\n")
@@ -400,21 +425,23 @@ class Progress:
         self._stopped.set()
         self._heartbeat.join()
         with self._lock:
-            self._running = None
+            self._running.clear()
             if self.live:
                 self._write("\r\033[K")
 
     def _beat(self) -> None:
-        """Until ``finish``: a line for the running case whenever stderr was quiet too long."""
+        """Until ``finish``: a line for the running cases whenever stderr was quiet too long."""
         while not self._stopped.wait(min(1.0, self.heartbeat_s / 4)):
             with self._lock:
                 now = time.monotonic()
-                if self._running is None or now - self._last_write < self.heartbeat_s:
+                long = {p: s for p, s in self._running.items() if now - s >= self.heartbeat_s}
+                if not long or now - self._last_write < self.heartbeat_s:
                     continue
-                prefix, start = self._running
                 if self.live:
+                    prefix, start = list(long.items())[-1]
                     self._write(f"\r\033[K{prefix} ... {now - start:.0f} s")
-                else:
+                    continue
+                for prefix, start in long.items():
                     self._write(f"{prefix} still running ({now - start:.0f} s)\n")
 
     def _write(self, text: str) -> None:
