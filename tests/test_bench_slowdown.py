@@ -8,7 +8,9 @@ the wall clock, not the CPU time a computation takes.
 import time
 from statistics import median
 
-from benchmarks.engines import open_timed
+from benchmarks import runner, workloads
+from benchmarks.engines import TimedEngine, open_timed
+from benchmarks.history import History
 from benchmarks.instruments import burn_cpu, slowed
 from benchmarks.workloads import Workload
 from engines.protocol import TokenEvent
@@ -79,3 +81,21 @@ def test_on_the_reference_the_slowed_copy_costs_its_fraction_of_the_decode_cpu_t
 
     ratios = [cpu(slow) / cpu(plain) for _ in range(9)]
     assert 1.3 < median(ratios) < 1.6, ratios
+
+
+def test_the_runner_records_the_decode_phase_cpu_time_of_each_trial(tmp_path):
+    """decode_cpu_s: CPU time from the first to the last event, summed over a trial's
+    generations (the synthetic engine: 16 decode steps of 2 ms after the first token);
+    a prefill trial (one event) has no decode phase and no decode_cpu_s."""
+    plan = runner.RunPlan([TimedEngine.from_spec("synthetic:step_ms=2", "synthetic")],
+                          "synthetic", workloads.resolve("decode-16,prefill-16"), trials=2,
+                          warmup=0, measure_bandwidth=False)
+    with History(tmp_path / "h.sqlite") as store:
+        runner.run(plan, store, lambda message: None)
+        samples = store.samples()
+    values = {(s.workload, s.metric, s.trial): s.value for s in samples}
+    for trial in (1, 2):
+        decode_cpu = values[("decode-16", "decode_cpu_s", trial)]
+        assert abs(decode_cpu - 16 * 0.002) < 0.006
+        assert decode_cpu < values[("decode-16", "cpu_s", trial)]
+    assert not any(s.metric == "decode_cpu_s" for s in samples if s.workload == "prefill-16")
