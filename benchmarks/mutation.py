@@ -54,6 +54,33 @@ EQUIVALENTS = ROOT / "benchmarks" / "mutation-equivalents.toml"
 # test runs, and mutmut's default (a worker per core) would take both.
 WORKERS = 1
 
+# test_sampler_stats.py takes minutes (speculative sampling, calibration over seed sets,
+# importing mlx-lm): its functions that take well under a second each, by node id.
+SAMPLER_STATS_FAST = tuple(
+    f"tests/test_sampler_stats.py::{name}"
+    for name in (
+        "test_temperature_reshapes_the_kept_tokens",
+        "test_support_stability_notices_a_token_at_a_threshold",
+        "test_chi_square_is_pearsons_when_no_cell_is_small",
+        "test_small_cells_are_pooled_by_their_expected_counts",
+        "test_rare_tokens_are_pooled_so_expected_counts_stay_valid",
+        "test_draws_from_the_right_distribution_fit_and_wrong_ones_do_not",
+        "test_holm_adjusts_step_down_and_beats_bonferroni",
+        "test_monte_carlo_p_value_matches_the_chi_square_limit_where_that_is_accurate",
+        "test_pooled_contexts_are_fit_against_their_own_distributions",
+        "test_one_draw_outside_the_support_fails_and_names_token_and_rule",
+        "test_every_stray_draw_is_counted",
+        "test_verdict_is_plain_data",
+        "test_sequences_are_judged_at_the_prefix_each_token_followed",
+        "test_group_by_prefix_files_each_token_under_what_came_before",
+        "test_an_unstable_context_is_a_catalogue_error",
+        "test_the_catalogue_has_the_cases_the_issue_asks_for",
+        "test_catalogue_contexts_are_informative_and_stable",
+        "test_reference_draws_repeat_with_their_seed",
+        "test_broken_sampler_is_caught_by_its_case",
+    )
+)
+
 # The one place that says which fast tests exercise each module. Entries are pytest
 # arguments (files, or node ids), run with the shared [tool.mutmut] arguments
 # (``-m "not smollm"``); mutmut then runs, for each mutant, only those of them that
@@ -91,8 +118,8 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_resumption.py",
     ),
     "conformance/profiles.py": ("tests/test_thresholds.py", "tests/test_conformance_comparator.py"),
-    "conformance/sampling/stats.py": ("tests/test_thresholds.py", "tests/test_sampler_stats.py"),
-    "conformance/checks/*": ("tests/test_conformance_catalogue.py", "tests/test_sampler_stats.py"),
+    "conformance/sampling/stats.py": ("tests/test_thresholds.py", *SAMPLER_STATS_FAST),
+    "conformance/checks/*": ("tests/test_conformance_catalogue.py", *SAMPLER_STATS_FAST),
     "conformance/snapshots/compare.py": (
         "tests/test_mutation_kills_snapshot_compare.py",
         "tests/test_snapshots.py",
