@@ -22,9 +22,25 @@ catalogue was 1.3e-5 on ``dummy`` (transformers float32 vs MLX) and 4.1e-3 on
 ``smollm2-135m`` (transformers' dequantized float32 vs MLX's 4-bit kernels).
 The tolerances leave 10-150 times that as headroom, and stay far below the
 effect of the bugs in the mutant tests (a wrong bias, a lost position, a
-changed temperature move logprobs by tenths of a nat or more). ``q4q8`` is
-for engines that also quantize activations to 8 bits, as llama.cpp does on
-CPU: on SmolLM2's France prompt that alone flips a 0.08-nat margin.
+changed temperature move logprobs by tenths of a nat or more).
+
+``q4q8`` is for engines that also round activations to 8 bits inside their
+quantized matmuls, as llama.cpp does on CPU, calibrated on the ``llama-cpp``
+engine on SmolLM2's Q4_1 file (measured with ``lmconform agree`` over 512
+positions and ``lmconform check``; the same engine on the weights dequantized
+to float32 agrees within KL 2e-6, so all of it is activation rounding). That
+rounding moves a logit by up to a few tenths of a nat: it flipped a 0.545-nat
+margin on the story prompt (0.28 at most over the 512 positions), moved the
+reference top token's probability by up to 0.106 (|dp| p99 0.070), and moved
+the logprob of a token of probability 0.008 by 0.40 nats. Per-step values
+therefore say little here, and the profile judges by what such noise cannot
+do: ``tie_epsilon`` 0.7 covers every crossing measured (so a token more than
+0.7 nats below the reference's top is a bug), and a chosen-token logprob
+passes if it is within the logprob tolerance *or* its probability is within
+``prob_atol`` 0.15 of the reference's (a fixed logit error moves a rare
+token's logprob a lot and its probability little). The tight test is the
+distribution over many positions: ``agreement`` (KL mean at most 0.01, where
+llama.cpp measures 0.0035).
 """
 
 from __future__ import annotations
@@ -58,11 +74,15 @@ class PrecisionProfile:
     description: str
     agreement: AgreementLimits
     max_near_ties: int = 8
+    # Also agree when the probabilities differ by at most this much (0: off).
+    prob_atol: float = 0.0
 
     def logprobs_agree(self, expected: float, actual: float) -> bool:
         if not (math.isfinite(expected) and math.isfinite(actual)):
             return expected == actual  # -inf only matches -inf (a relative tolerance would not)
-        return abs(expected - actual) <= self.logprob_tolerance(expected)
+        if abs(expected - actual) <= self.logprob_tolerance(expected):
+            return True
+        return abs(math.exp(expected) - math.exp(actual)) <= self.prob_atol
 
     def logprob_tolerance(self, expected: float) -> float:
         return self.logprob_atol + self.logprob_rtol * abs(expected)
@@ -78,7 +98,7 @@ PROFILES: dict[str, PrecisionProfile] = {
             logprob_rtol=1e-4,
             description="float32 weights and activations: differences come from summation order",
             agreement=AgreementLimits(
-                kl_mean=1e-5, kl_p99=1e-4, dp_p99=1e-3, top1_min=0.99, clear_top1_min=1.0
+                kl_mean=1e-6, kl_p99=1e-5, dp_p99=1e-3, top1_min=0.99, clear_top1_min=1.0
             ),
         ),
         PrecisionProfile(
@@ -120,17 +140,18 @@ PROFILES: dict[str, PrecisionProfile] = {
                 "4-bit weights, the same dequantized values in every engine, float activations"
             ),
             agreement=AgreementLimits(
-                kl_mean=1e-3, kl_p99=1e-2, dp_p99=0.02, top1_min=0.97, clear_top1_min=1.0
+                kl_mean=1e-4, kl_p99=1e-3, dp_p99=0.01, top1_min=0.99, clear_top1_min=1.0
             ),
         ),
         PrecisionProfile(
             "q4q8",
-            tie_epsilon=0.3,
+            tie_epsilon=0.7,
             logprob_atol=0.15,
             logprob_rtol=2e-2,
+            prob_atol=0.15,
             description="4-bit weights and 8-bit activations (llama.cpp's CPU path)",
             agreement=AgreementLimits(
-                kl_mean=5e-3, kl_p99=0.05, dp_p99=0.05, top1_min=0.95, clear_top1_min=0.995
+                kl_mean=0.01, kl_p99=0.06, dp_p99=0.15, top1_min=0.9, clear_top1_min=0.99
             ),
         ),
     )

@@ -15,7 +15,7 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 from agreement_engines import LargeNoise, NoScore
-from conformance_helpers import dummy_oracle
+from conformance_helpers import decode_bytes, dummy_oracle, make_trace
 
 from conformance.agreement import (
     RESOLUTION,
@@ -26,7 +26,8 @@ from conformance.agreement import (
     measure,
     position,
 )
-from conformance.profiles import AgreementLimits, get_profile
+from conformance.comparator import FAIL, PASS, compare_traces
+from conformance.profiles import PROFILES, AgreementLimits, get_profile
 from engines.models import ModelSource
 from lmconform.cli import main
 
@@ -158,6 +159,39 @@ def test_each_limit_passes_at_a_tenth_inside_and_fails_at_a_tenth_outside(oracle
         inside, outside = (0.9, 1.1) if at_least else (1.1, 0.9)
         assert exceeded(summary, limits_around(value, name, inside)) == [], name
         assert len(exceeded(summary, limits_around(value, name, outside))) == 1, name
+
+
+# -- q4q8: a probability tolerance besides the logprob one -----------------------------------
+
+
+def test_only_q4q8_has_a_probability_tolerance():
+    assert {p.name for p in PROFILES.values() if p.prob_atol} == {"q4q8"}
+
+
+def test_a_rare_tokens_large_logprob_error_passes_q4q8_by_its_probability():
+    # Measured on llama.cpp: a token of probability 0.008 moved by 0.40 nats.
+    q4q8 = get_profile("q4q8")
+    expected, actual = -4.85, -4.85 - 0.40
+    assert abs(expected - actual) > q4q8.logprob_tolerance(expected)
+    assert q4q8.logprobs_agree(expected, actual)
+    assert not replace(q4q8, prob_atol=0.0).logprobs_agree(expected, actual)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_probability_tolerance_passes_a_tenth_inside_and_fails_a_tenth_outside(sign):
+    q4q8 = get_profile("q4q8")
+    e = math.log(0.5)
+    a, b = 65, 66
+    for factor, verdict in ((0.9, PASS), (1.1, FAIL)):
+        actual_p = 0.5 + sign * factor * q4q8.prob_atol
+        actual = math.log(actual_p)
+        assert abs(actual - e) > q4q8.logprob_tolerance(e)  # the logprob rule alone fails it
+        tops = [[(a, -0.1)], [(b, e)]]
+        result = compare_traces(
+            make_trace([a, b], [-0.1, e], tops), make_trace([a, b], [-0.1, actual], tops),
+            q4q8, decode_bytes,
+        )
+        assert result.verdict == verdict, (factor, result.summary)
 
 
 # -- the command -------------------------------------------------------------------------------
