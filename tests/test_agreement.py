@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from agreement_engines import LargeNoise, NoScore
 from conformance_helpers import decode_bytes, dummy_oracle, make_trace
 
+import conformance
 from conformance.agreement import (
     RESOLUTION,
     Text,
@@ -192,6 +195,18 @@ def test_the_probability_tolerance_passes_a_tenth_inside_and_fails_a_tenth_outsi
             q4q8, decode_bytes,
         )
         assert result.verdict == verdict, (factor, result.summary)
+
+
+def test_protocol_md_states_every_profiles_agreement_limits():
+    text = (Path(conformance.__file__).with_name("PROTOCOL.md")).read_text()
+    rows = re.findall(r"^  \| `(\w+)` \| ([\d.e-]+) \| ([\d.e-]+) \| ([\d.e-]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      text, re.MULTILINE)
+    stated = {name: tuple(float(x) for x in numbers) for name, *numbers in rows}
+    assert stated == {
+        name: (p.agreement.kl_mean, p.agreement.kl_p99, p.agreement.dp_p99,
+               p.agreement.top1_min, p.agreement.clear_top1_min)
+        for name, p in PROFILES.items()
+    }
 
 
 # -- the command -------------------------------------------------------------------------------
