@@ -109,3 +109,26 @@ def test_num_draft_tokens_must_be_a_positive_integer(dummy, prompt, bad):
         spec(model, model, prompt, 2, bad)
     assert str(raised.value) == f"num_draft_tokens must be a positive integer, got {bad!r}"
     assert len(spec(model, model, prompt, 2, 1)) == 2
+
+
+def test_a_self_draft_is_always_accepted_over_long_rounds(dummy, prompt):
+    """Each proposal is fed to the draft alone, after the one before it: the draft then
+    sees exactly the target's context and a self-draft never misses."""
+    model, _ = dummy
+    cache = make_prompt_cache(model) + make_prompt_cache(model)
+    got = spec(model, model, prompt, 15, 4, prompt_cache=cache)
+    assert [t for t, _ in got] == plain(model, prompt, 15)
+    assert [d for _, d in got] == [True, True, True, True, False] * 3
+    n = len(model.layers)
+    # The target holds the prompt and 14 tokens; the draft one fewer: after a full
+    # acceptance it has not yet fed its last proposal.
+    assert {c.offset for c in cache[:n]} == {len(prompt) + 14}
+    assert {c.offset for c in cache[n:]} == {len(prompt) + 13}
+
+
+def test_the_defaults_are_mlx_lms(dummy, prompt):
+    model, _ = dummy
+    steps = list(speculative_generate_step(prompt, model, model))
+    assert len(steps) == 256
+    # Two proposals per round, then the target's own token.
+    assert [d for _, _, d in steps[:6]] == [True, True, False] * 2
