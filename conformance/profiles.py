@@ -37,8 +37,9 @@ therefore say little here, and the profile judges by what such noise cannot
 do: ``tie_epsilon`` 0.7 covers every crossing measured (so a token more than
 0.7 nats below the reference's top is a bug), and a chosen-token logprob
 passes if it is within the logprob tolerance *or* its probability is within
-``prob_atol`` 0.15 of the reference's (a fixed logit error moves a rare
-token's logprob a lot and its probability little). The tight test is the
+``prob_atol`` 0.12 of the reference's (a fixed logit error moves a rare
+token's logprob a lot and its probability little; 0.15 would let the
+``WindowOneTooWide`` mutant through). The tight test is the
 distribution over many positions: ``agreement`` (KL mean at most 0.01, where
 llama.cpp measures 0.0035).
 """
@@ -148,7 +149,7 @@ PROFILES: dict[str, PrecisionProfile] = {
             tie_epsilon=0.7,
             logprob_atol=0.15,
             logprob_rtol=2e-2,
-            prob_atol=0.15,
+            prob_atol=0.12,
             description="4-bit weights and 8-bit activations (llama.cpp's CPU path)",
             agreement=AgreementLimits(
                 kl_mean=0.01, kl_p99=0.06, dp_p99=0.15, top1_min=0.9, clear_top1_min=0.99
