@@ -232,7 +232,9 @@ def test_the_reference_against_itself_agrees_exactly_in_every_report_and_the_his
     assert summary["kl_max"] == 0 and summary["top1"] == 1.0 and summary["dp_max"] == 0
     assert set(result["per_text"]) == {"prose", "code.py", "chat", "utf8"}
     assert "reference @ dummy" in out and "pass" in out
-    assert "| reference @ dummy | fp32 |" in (tmp_path / "a.md").read_text()
+    markdown = (tmp_path / "a.md").read_text()
+    assert "| reference @ dummy | fp32 |" in markdown
+    assert "| \\|dp\\| p99 |" in markdown  # a bar inside a cell is escaped
     assert "<failure" not in (tmp_path / "a.xml").read_text()
     with sqlite3.connect(db) as history:
         rows = dict(history.execute(

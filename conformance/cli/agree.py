@@ -233,15 +233,19 @@ def format_markdown(results, failures: list[str]) -> str:
             "full-vocabulary KL), top-1 agreement, |dp| of the reference's top token."
         ),
         "",
-        "| " + " | ".join(header) + " |",
+        markdown_row(header),
         "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in body),
+        *(markdown_row(row) for row in body),
     ]
     problems = [f"- {r.engine} @ {r.model}: {p}" for r in results for p in r.problems]
     problems += [f"- {line}" for line in failures]
     if problems:
         lines += ["", "## Limits broken", "", *problems]
     return "\n".join(lines) + "\n"
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def as_json(results, failures: list[str]) -> dict:
@@ -324,7 +328,11 @@ def record(results, db: Path, top: int) -> int:
         run_id = history.start_run(
             revision.current(root),
             fingerprint.collect(),
-            settings={"tool": "lmconform agree", "top": top},
+            settings={
+                "tool": "lmconform agree",
+                "model": ",".join(dict.fromkeys(r.model for r in results)),
+                "top": top,
+            },
             source="agree",
         )
         for r in results:
