@@ -132,3 +132,19 @@ def test_the_defaults_are_mlx_lms(dummy, prompt):
     assert len(steps) == 256
     # Two proposals per round, then the target's own token.
     assert [d for _, _, d in steps[:6]] == [True, True, False] * 2
+
+
+def test_the_last_round_proposes_no_more_than_is_left_so_the_caches_hold_only_the_text(
+    dummy, prompt
+):
+    """5 tokens with 3 proposals per round: a full round (3 proposals and the target's
+    token), then a round of one proposal. Neither cache may hold tokens never emitted, or
+    a generation continued from them would see text that is not there."""
+    model, _ = dummy
+    cache = make_prompt_cache(model) + make_prompt_cache(model)
+    got = spec(model, model, prompt, 5, 3, prompt_cache=cache)
+    assert [d for _, d in got] == [True, True, True, False, True]
+    n = len(model.layers)
+    # The target fed all 5 (the last is a proposal); the draft all but its last proposal.
+    assert {c.offset for c in cache[:n]} == {len(prompt) + 5}
+    assert {c.offset for c in cache[n:]} == {len(prompt) + 4}
