@@ -288,3 +288,22 @@ def test_bad_input_is_one_line_naming_it_and_exit_2(options, named, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert named in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.smollm
+def test_llama_cpps_8_bit_activations_pass_q4q8s_limits_and_break_q4s():
+    # 64 positions, 16 per text; over 512 the figures are in the README.
+    from conformance.oracle import ReferenceOracle
+    from engines.registry import open_engine
+
+    oracle, engine = ReferenceOracle("smollm2-135m"), open_engine("llama-cpp", "smollm2-135m")
+    try:
+        q4q8, q4 = get_profile("q4q8"), get_profile("q4")
+        summary, _, _ = measure(oracle.engine, engine, oracle.tokenizer, load_texts(),
+                                q4q8.tie_epsilon, positions=64)
+    finally:
+        engine.close()
+        oracle.close()
+    assert summary.positions == 64
+    assert exceeded(summary, q4q8.agreement) == []
+    assert any(p.startswith("KL mean") for p in exceeded(summary, q4.agreement))
