@@ -25,8 +25,8 @@ Two findings:
   the case's tests: a correct engine fails the case with probability at most
   ``alpha``.
 
-With ``max_tokens`` 1 the draws are next tokens. Above 1 (speculative decoding
-at a temperature) every emitted token is judged against the reference's
+With ``max_tokens`` 1 the draws are next tokens. Above 1 (plain or speculative
+sampling over whole generations) every emitted token is judged against the reference's
 distribution at the prefix it followed (the prompt plus the tokens emitted
 before it). A generation's distribution is the product of these conditionals,
 so an engine that keeps the target's distribution passes every one of them, and

@@ -21,7 +21,7 @@ Implementations here:
   batch, one forward pass per step for all of them (fast);
 - ``request_draw``: any engine that answers ``GenerateRequest``s (the adapters), one
   seeded request per draw: the path a user's engine takes (about 5 ms a draw for the
-  reference on dummy).
+  reference on dummy); ``request_generation_draw`` the same, keeping the logprobs.
 
 Each reference draw takes a ``sampler_factory`` with ``make_sampler``'s signature, so
 the tests can hand in deliberately broken samplers and check the statistics catch them.
