@@ -8,6 +8,8 @@ its logits. Usable from the CLI as ``agreement_engines:SmallNoise`` with ``tests
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 
@@ -56,3 +58,12 @@ class NoScore(ReferenceEngine):
 
     name = "no-score"
     capabilities = ReferenceEngine.capabilities - {"score"}
+
+
+class NoTopLogprobs(ReferenceEngine):
+    """Scores without the top logprobs it was asked for: nothing to measure."""
+
+    name = "no-top-logprobs"
+
+    def score(self, request):
+        return [replace(e, top_logprobs=None) for e in super().score(request)]

@@ -222,13 +222,13 @@ def test_the_reference_against_itself_agrees_exactly_in_every_report_and_the_his
     tmp_path, capsys
 ):
     db = tmp_path / "history.sqlite"
-    rc, report = agree(tmp_path, "reference", "--markdown", str(tmp_path / "a.md"),
-                       "--junit", str(tmp_path / "a.xml"), "--db", str(db))
+    rc, report = agree(tmp_path, "reference", "--positions", "400", "--markdown",
+                       str(tmp_path / "a.md"), "--junit", str(tmp_path / "a.xml"), "--db", str(db))
     out, _ = capsys.readouterr()
     assert rc == 0
     (result,) = report["results"]
     summary = result["summary"]
-    assert summary["positions"] >= 2000
+    assert summary["positions"] == 400
     assert summary["kl_max"] == 0 and summary["top1"] == 1.0 and summary["dp_max"] == 0
     assert set(result["per_text"]) == {"prose", "code.py", "chat", "utf8"}
     assert "reference @ dummy" in out and "pass" in out
@@ -271,6 +271,17 @@ def test_a_teacher_forcing_bug_fails_top1_at_clear_positions(tmp_path):
     assert rc == 1
     assert result["summary"]["clear_top1"] < 0.5
     assert any(p.startswith("top-1 agreement at clear positions") for p in result["problems"])
+
+
+def test_an_engine_without_the_top_logprobs_asked_for_is_a_finding(tmp_path, capsys):
+    rc, report = agree(tmp_path, "agreement_engines:NoTopLogprobs", "--no-history",
+                       "--positions", "8")
+    out, _ = capsys.readouterr()
+    assert rc == 1 and report["results"] == []
+    assert report["not_measured"] == [
+        "FAIL agreement_engines:NoTopLogprobs @ dummy: not measurable: no top logprobs at position 1"
+    ]
+    assert report["not_measured"][0] in out
 
 
 @pytest.mark.parametrize(
