@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "agree",
         help="agreement metrics (KL, top-1, dp) of engines against the reference",
-        description=" ".join(__doc__.split("\n\n")[1].split()),
+        description=" ".join(__doc__.split("\n\n")[1].split()).replace("``", ""),
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
