@@ -26,7 +26,8 @@ put arbitrarily little mass on one unlisted token. A list covering all but
 engine's rest bin smaller than that counts as 1e-4 (the most it can be, which
 keeps the bound). The reference mass in the
 rest bin is reported (``tail mass``) so a reader sees how much was merged; with
-the default k of 40 it is a few percent on ``smollm2-135m``. A reference top
+the default k of 40 it averages 0.11 on ``smollm2-135m`` (49,152 tokens) and
+3e-7 on ``dummy``. A reference top
 token the engine does not list counts as engine probability 0 in Δp: the
 larger of the two possible magnitudes.
 
@@ -102,7 +103,7 @@ class Position:
     dp: float  # engine minus reference probability of the reference's top token
     # Where the top tokens differ: the reference's logprob margin between its top token and
     # the engine's (at least the margin to its last listed token when it does not list it).
-    crossed: float = 0.0
+    crossed: float
 
 
 def listed_probabilities(listed: TopList) -> dict[int, float]:
