@@ -24,12 +24,11 @@ renormalised); no top-k list can bound it from above, because an engine may
 put arbitrarily little mass on one unlisted token. A list covering all but
 ``RESOLUTION`` (1e-4) of the mass is taken as the whole distribution, and an
 engine's rest bin smaller than that counts as 1e-4 (the most it can be, which
-keeps the bound). The reference mass in the
-rest bin is reported (``tail mass``) so a reader sees how much was merged; with
-the default k of 40 it averages 0.11 on ``smollm2-135m`` (49,152 tokens) and
-3e-7 on ``dummy``. A reference top
-token the engine does not list counts as engine probability 0 in Δp: the
-larger of the two possible magnitudes.
+keeps the bound). The reference mass in the rest bin is reported (``tail
+mass``) so a reader sees how much was merged; with the default k of 40 it
+averages 0.11 on ``smollm2-135m`` (49,152 tokens) and 3e-7 on ``dummy``. A
+reference top token the engine does not list counts as engine probability 0
+in Δp: the larger of the two possible magnitudes.
 
 Teacher forcing uses only the protocol: an engine with the ``score``
 capability is asked once per text; one without it is asked one one-token
