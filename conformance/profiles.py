@@ -7,7 +7,8 @@ precision. A profile states, for one precision regime, two numbers:
 - ``tie_epsilon``: a reference top-1/top-2 log-probability margin below this
   is a *near-tie*; correct engines may legitimately pick either token there.
 - ``logprob_atol`` / ``logprob_rtol``: how far a chosen token's logprob may be
-  from the reference's, over the steps where both chose the same token.
+  from the reference's, over the steps where both chose the same token
+  (``prob_atol``, where set, also accepts probabilities that close);
 
 and one count, ``max_near_ties``: how many near-ties one comparison may cross
 on the engine's own path before it is reported *near-tie-limited* instead of
@@ -15,6 +16,8 @@ judged further (see ``comparator.py``). A correct engine crosses a near-tie
 rarely (on ``dummy``'s catalogue the reference's smallest margin is far above
 epsilon; SmolLM2's France prompt has one); eight in one short generation
 means the case says little about the engine, not that the engine is wrong.
+Besides, ``agreement`` limits what ``lmconform agree`` measures over many
+positions (KL, top-1, |dp|; see ``agreement.py``).
 
 The numbers come from measurement on this project's models: the largest
 chosen-token logprob difference between two correct engines over the whole
