@@ -88,6 +88,7 @@ SAMPLER_STATS_FAST = tuple(
 MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "reference/sampler.py": ("tests/test_boundaries_reference.py", "tests/test_sampling.py"),
     "reference/logits_processors.py": (
+        "tests/test_mutation_kills_logits_processors.py",
         "tests/test_boundaries_reference.py",
         "tests/test_sampling.py",
     ),
