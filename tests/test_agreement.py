@@ -301,6 +301,15 @@ def test_bad_input_is_one_line_naming_it_and_exit_2(options, named, capsys):
     assert named in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_file_that_is_not_a_history_is_refused_before_anything_runs(tmp_path, capsys):
+    db = tmp_path / "notes.sqlite"
+    db.write_text("not a database")
+    rc = main(["agree", "--engine", "reference", "--db", str(db)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert f"--db {db}" in err and "not a usable history" in err
+
+
 @pytest.mark.smollm
 def test_llama_cpps_8_bit_activations_pass_q4q8s_limits_and_break_q4s():
     # 64 positions, 16 per text; over 512 the figures are in the README.

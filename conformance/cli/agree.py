@@ -67,9 +67,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--junit", metavar="FILE", help="write JUnit XML (for CI)")
     parser.add_argument(
         "--db",
-        type=Path,
+        type=history_target,
         default=None,
-        help="benchmark history to record into (default .lmconform/history.sqlite)",
+        help="benchmark history to record into: a SQLite file (default "
+        ".lmconform/history.sqlite) or a postgresql:// URL",
     )
     parser.add_argument("--no-history", action="store_true", help="do not record the figures")
     parser.set_defaults(func=run)
@@ -129,11 +130,18 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return models, check_engines(args.engine)
 
 
+def history_target(text: str) -> str | Path:
+    """``--db``: a SQLite file path, or a ``postgresql://`` URL kept as it is."""
+    from benchmarks.history import is_postgres
+
+    return text if is_postgres(text) else Path(text)
+
+
 def check_history(args: argparse.Namespace) -> None:
     from benchmarks.history import DEFAULT_DB, History, HistoryError
 
     args.db = args.db or DEFAULT_DB
-    if not args.db.parent.is_dir():
+    if isinstance(args.db, Path):
         args.db.parent.mkdir(parents=True, exist_ok=True)
     try:
         with History(args.db):
@@ -318,7 +326,7 @@ HISTORY_METRICS = {
 }
 
 
-def record(results, db: Path, top: int) -> int:
+def record(results, db: str | Path, top: int) -> int:
     """Store the figures as one run of the benchmark history; returns its id."""
     from benchmarks import fingerprint, revision
     from benchmarks.history import History
