@@ -86,7 +86,11 @@ SAMPLER_STATS_FAST = tuple(
 # (``-m "not smollm"``); mutmut then runs, for each mutant, only those of them that
 # reach the mutated function.
 MODULE_TESTS: dict[str, tuple[str, ...]] = {
-    "reference/sampler.py": ("tests/test_boundaries_reference.py", "tests/test_sampling.py"),
+    "reference/sampler.py": (
+        "tests/test_mutation_kills_sampler.py",
+        "tests/test_boundaries_reference.py",
+        "tests/test_sampling.py",
+    ),
     "reference/logits_processors.py": (
         "tests/test_mutation_kills_logits_processors.py",
         "tests/test_boundaries_reference.py",
