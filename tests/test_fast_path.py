@@ -24,6 +24,7 @@ from mlx import nn
 import reference
 from conformance.catalogue import build_request, load_cases, select_cases
 from conformance.oracle import ReferenceOracle
+from conformance.profiles import profile_for_model
 from engines.adapters.reference import ReferenceEngine
 from engines.models import ModelSource
 from reference import blas
@@ -157,3 +158,29 @@ def test_fast_path_answers_every_catalogue_case_as_the_exact_path(exact_oracle, 
 def test_a_broken_fast_path_disagrees(exact_oracle, dummy_cases):
     broken = HeadWithoutBiases(ModelSource("dummy", "builtin"))
     assert len(disagreements(broken, exact_oracle, dummy_cases)) > len(dummy_cases) // 2
+
+
+@pytest.mark.smollm
+def test_fast_path_on_smollm2_decodes_as_the_exact_path(smollm):
+    """The real quantized model, a short chat prompt, a few tokens: same greedy tokens,
+    every logprob of the vocabulary within the q4 profile's tolerance."""
+    fast, tokenizer = smollm
+    exact, _ = reference.load("smollm2-135m", fast=False)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in exact.named_modules())
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fast.named_modules())
+    prompt = mx.array(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            add_generation_prompt=True,
+        )
+    )
+    tolerance = np.vectorize(profile_for_model("smollm2-135m").logprob_tolerance)
+    steps = zip(
+        reference.generate_step(prompt, fast, max_tokens=6),
+        reference.generate_step(prompt, exact, max_tokens=6),
+        strict=True,
+    )
+    for (fast_token, fast_logprobs), (exact_token, exact_logprobs) in steps:
+        assert fast_token == exact_token
+        expected = np.array(exact_logprobs)
+        assert np.all(np.abs(np.array(fast_logprobs) - expected) <= tolerance(expected))
