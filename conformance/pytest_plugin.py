@@ -12,7 +12,11 @@ Verdicts are the CLI's (both call ``runner.run_case``): pass and near-tie
 pass, fail fails with the diagnostic, unsupported and unavailable engines
 skip with the reason. A near-tie is recorded as the test's ``verdict`` user
 property and as a report section, and listed with its diagnostic in the
-terminal summary (``pytest_terminal_summary``).
+terminal summary (``NearTies``).
+
+Under pytest-xdist (``-n N``, or ``--tx`` to other machines) the tests of one
+engine and model go to one worker (``pytest_xdist_make_scheduler``), which opens
+that engine and its model once.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ OPTION_PROFILE = "--lmconform-profile"
 OPTION_AGAINST = "--lmconform-against"
 OPTION_TIMEOUT = "--lmconform-timeout"
 NEAR_TIE_SECTION = "lmconform near-tie"
-
-# Near-ties found in this session, (test id, diagnostic), for the terminal summary.
-near_ties_key = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser) -> None:
@@ -71,7 +72,38 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    config.stash[near_ties_key] = []
+    if config.getoption(OPTION_ENGINE) is None:
+        return
+    config.pluginmanager.register(NearTies(), "lmconform-near-ties")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n N``, ``--tx``) one worker runs all the tests of one engine
+    and model, so each worker opens an engine once: xdist's "load" distribution (the
+    default) becomes one by engine and model. Other ``--dist`` modes are kept."""
+    if config.getoption(OPTION_ENGINE) is None or config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    prefixes = sorted(
+        (f"[{engine}@{model}:" for engine, model in _engines_and_models(config)),
+        key=len,
+        reverse=True,
+    )
+
+    class ByEngineAndModel(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            # A conformance test's id is test_case[ENGINE@MODEL:CASE]; others keep their own.
+            return next((p for p in prefixes if p in nodeid), nodeid)
+
+    return ByEngineAndModel(config, log)
+
+
+def _engines_and_models(config) -> list[tuple[str, str]]:
+    engines = config.getoption(OPTION_ENGINE) or ["reference"]
+    models = config.getoption(OPTION_MODEL) or list(DEFAULT_MODELS)
+    return [(engine, model) for model in models for engine in engines]
 
 
 def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
@@ -86,28 +118,36 @@ def pytest_generate_tests(metafunc) -> None:
     from conformance.catalogue import load_cases, select_cases
 
     config = metafunc.config
-    engines = config.getoption(OPTION_ENGINE) or ["reference"]
-    models = config.getoption(OPTION_MODEL) or list(DEFAULT_MODELS)
     catalogue = load_cases()
     params, ids = [], []
-    for model in models:
-        for engine in engines:
-            for case in select_cases(catalogue, model, config.getoption(OPTION_CASES)):
-                params.append((engine, model, case))
-                ids.append(f"{engine}@{model}:{case.id}")
+    for engine, model in _engines_and_models(config):
+        for case in select_cases(catalogue, model, config.getoption(OPTION_CASES)):
+            params.append((engine, model, case))
+            ids.append(f"{engine}@{model}:{case.id}")
     metafunc.parametrize("conformance_case", params, ids=ids)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """Near-ties pass, so pytest would say nothing of them: list them with their diagnostic."""
-    near_ties = config.stash.get(near_ties_key, [])
-    if not near_ties:
-        return
-    terminalreporter.section(f"lmconform: {len(near_ties)} near-tie(s) (passed)")
-    for test_id, diagnostic in near_ties:
-        terminalreporter.write_line(test_id)
-        for line in diagnostic.splitlines():
-            terminalreporter.write_line("  " + line)
+class NearTies:
+    """Near-ties pass, so pytest would say nothing of them: they are listed with their
+    diagnostic in the terminal summary. Read from the test reports' near-tie section, which
+    also reaches the controller when pytest-xdist ran the tests in workers."""
+
+    def __init__(self):
+        self.found: list[tuple[str, str]] = []  # (test id, diagnostic)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        for title, content in report.sections:
+            if report.when == "call" and title == f"Captured {NEAR_TIE_SECTION} call":
+                self.found.append((report.nodeid, content))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.found:
+            return
+        terminalreporter.section(f"lmconform: {len(self.found)} near-tie(s) (passed)")
+        for test_id, diagnostic in self.found:
+            terminalreporter.write_line(test_id)
+            for line in diagnostic.splitlines():
+                terminalreporter.write_line("  " + line)
 
 
 class ConformanceSession:
@@ -186,7 +226,6 @@ def conformance_result(conformance_case, conformance_session, request):
     if result.verdict == NEAR_TIE:
         diagnostic = format_problems([result])
         request.node.add_report_section("call", NEAR_TIE_SECTION, diagnostic)
-        config.stash[near_ties_key].append((request.node.nodeid, diagnostic))
     return result
 
 
