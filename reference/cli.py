@@ -35,6 +35,12 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--seed", type=bounded(int, 0, 2**64 - 1), default=0)
     parser.add_argument("--draft-model", help="draft model for speculative decoding")
     parser.add_argument("--num-draft-tokens", type=bounded(int, 1, 64), default=2)
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="keep quantized weights quantized (the exact path); default: the fast path, "
+        "weights de-quantized to float32 at load",
+    )
     parser.set_defaults(func=run)
 
 
@@ -61,14 +67,14 @@ def bounded(kind: type, low, high):
 
 
 def run(args: argparse.Namespace) -> int:
+    # reference before mlx.core: importing it puts OpenBLAS under MLX (reference/blas.py).
+    from reference import load, make_sampler, stream_generate  # noqa: I001
+    from reference.inputs import check_sampler
     import mlx.core as mx
 
-    from reference import load, make_sampler, stream_generate
-    from reference.inputs import check_sampler
-
     try:
-        model, tokenizer = load(args.model)
-        draft = load(args.draft_model)[0] if args.draft_model else None
+        model, tokenizer = load(args.model, fast=not args.exact)
+        draft = load(args.draft_model, fast=not args.exact)[0] if args.draft_model else None
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
