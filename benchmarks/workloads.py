@@ -24,6 +24,10 @@ Definitions (the same for every engine):
                      workload (see ``memory.py`` for how each engine is probed); an
                      engine in another process reports its own peak (``timing/1``)
 - ``draft_acceptance`` fraction of tokens the engine flags ``from_draft``
+- ``suite_s``        wall time of ``lmconform check`` of the engine on the model (a
+                     fresh process: start-up, model loading, the reference's runs and
+                     the engine's), the time a user of the suite waits; ``suite``
+                     workloads only
 
 Generation never stops early: the requests ban the model's end tokens with a logit
 bias of -inf, so every trial decodes exactly the requested number of tokens (an
@@ -34,6 +38,8 @@ A metric the engine cannot give (peak memory of an engine in another process wit
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -71,6 +77,7 @@ METRICS: dict[str, Metric] = {
         Metric("wall_s", "s", False, "wall time of one trial"),
         Metric("cpu_s", "s", False, "CPU time of this process during one trial"),
         Metric("mutation_score", "%", True, "percent of mutants killed (benchmarks/mutation.py)"),
+        Metric("suite_s", "s", False, "wall time of lmconform check of one engine on one model"),
     ]
 }
 
@@ -208,19 +215,22 @@ def _check_length(engine: TimedEngine, produced: int, asked: int) -> None:
 
 @dataclass(frozen=True)
 class Workload:
-    """One benchmark workload. ``kind`` is prefill, decode, batch or speculative."""
+    """One benchmark workload. ``kind`` is prefill, decode, batch, speculative or suite
+    (``lmconform check`` of the engine on the model, over the ``cases`` pattern, or the
+    whole catalogue; the sizes do not apply)."""
 
     name: str
     kind: str
-    prompt_tokens: int
+    prompt_tokens: int = 0
     new_tokens: int = 1
     batch_size: int = 1
     num_draft_tokens: int = 3
+    cases: str = ""  # suite: the case ids to check (``--cases``); empty: every case
 
     def __post_init__(self) -> None:
-        if self.kind not in ("prefill", "decode", "batch", "speculative"):
+        if self.kind not in ("prefill", "decode", "batch", "speculative", "suite"):
             raise ValueError(f"unknown workload kind {self.kind!r}")
-        if self.prompt_tokens <= 0 or self.new_tokens <= 0 or self.batch_size <= 0:
+        if self.kind != "suite" and min(self.prompt_tokens, self.new_tokens, self.batch_size) <= 0:
             raise ValueError(f"workload {self.name!r}: sizes must be positive")
 
     def settings(self) -> dict:
@@ -233,12 +243,15 @@ class Workload:
             "decode": ("decode_tps", "peak_memory_mb"),
             "batch": ("batch_tps", "peak_memory_mb"),
             "speculative": ("spec_decode_tps", "spec_speedup", "draft_acceptance"),
+            "suite": ("suite_s",),
         }[self.kind]
 
     def measure(
         self, engine: TimedEngine, now: Callable[[], float] = time.perf_counter
     ) -> dict[str, float]:
         """Run the workload once on ``engine`` and return its metrics (``now``: the clock)."""
+        if self.kind == "suite":
+            return {"suite_s": check_time(engine.spec.text, engine.model, self.cases, now)}
         prompt = prompt_ids(engine.encode, self.prompt_tokens)
         if self.kind == "prefill":
             clock = timed(engine, engine.request(prompt, 1), now)
@@ -272,6 +285,23 @@ class Workload:
         return values
 
 
+def check_time(spec: str, model: str, cases: str, now: Callable[[], float]) -> float:
+    """Seconds ``lmconform check --engine spec --model model`` takes in a new process.
+
+    Its verdicts do not matter here (exit status 1, an engine failing a case, is a
+    normal run); any other failure of the run is an error of the trial.
+    """
+    command = [sys.executable, "-m", "lmconform.cli", "check", "--engine", spec,
+               "--model", model, *(["--cases", cases] if cases else [])]
+    start = now()
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = now() - start
+    if run.returncode not in (0, 1):
+        tail = run.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"lmconform check exited {run.returncode}: {' / '.join(tail)}")
+    return seconds
+
+
 def _memory(peak: dict[str, int | None]) -> dict[str, float]:
     return {} if peak["bytes"] is None else {"peak_memory_mb": peak["bytes"] / 1e6}
 
@@ -291,6 +321,8 @@ def standard_workloads() -> dict[str, Workload]:
         Workload("decode-16", "decode", prompt_tokens=8, new_tokens=16),
         Workload("batch-8-short", "batch", prompt_tokens=8, new_tokens=8, batch_size=8),
         Workload("speculative-16", "speculative", prompt_tokens=8, new_tokens=16),
+        # What a user of the suite waits for: the whole catalogue of the model.
+        Workload("suite", "suite"),
     ]
     return {w.name: w for w in table}
 
