@@ -98,7 +98,7 @@ def run_matrix_parallel(
                 raise RuntimeError(f"a check worker failed:\n{event[1]}")
     finally:
         tasks.cancel_join_thread()  # units nobody will take must not hold up the exit
-        _stop(workers)
+        _stop(workers, done=len(finished) == len(units))
     return columns.results(engines)
 
 
@@ -156,9 +156,12 @@ def _next_event(events, workers) -> tuple:
                 ) from None
 
 
-def _stop(workers) -> None:
-    """SIGTERM to every worker still running; kill those not gone after the grace time."""
+def _stop(workers, done: bool) -> None:
+    """End the workers: when ``done`` they are closing their engines and leaving on their
+    own, else SIGTERM tells them to; those not gone after the grace time are killed."""
     for worker in workers:
+        if done:
+            worker.join(STOP_GRACE_S)
         if worker.is_alive():
             worker.terminate()
     for worker in workers:
