@@ -93,6 +93,7 @@ def test_a_token_divergence_beyond_epsilon_renders_both_sides():
             "FAIL: tokens diverge: at step 1 reference chose 'i' (id 105), engine chose 'o'"
         )
     )
+    assert default.render().splitlines()[2].startswith("  reference: logprob('i')")
     assert default.render().splitlines()[3].startswith("  engine: logprob('o')")
 
 
@@ -381,3 +382,43 @@ def test_a_path_step_without_a_top_list_or_logprob_is_taken_as_it_is():
     actual = engine(PATH_TOKENS, [-0.1, -0.1, -0.104, -9.0, -9.0])
     c = compare(EXPECTED, actual, resume=resume)
     assert c.verdict == NEAR_TIE and c.near_tie_steps == [2] and c.judged_steps == 5
+
+
+def test_after_two_near_ties_a_failure_says_so_and_the_prefix_error_is_kept():
+    """Ties at steps 2 and 4, then a token far from ref's top at step 5. The prefix's
+    logprob error (0.001 at step 1) is the largest; ref's path is not consulted before
+    the first near-tie (its step 0 would fail)."""
+    tokens = [*PATH_TOKENS, 70]
+    tops = [
+        [(99, -0.01), (72, -0.5)],  # never judged: the shared prefix is judged on `expected`
+        [(105, -0.1)],
+        TIE,
+        [(65, -0.2)],
+        [(67, -0.5), (66, -0.505)],
+        [(71, -0.1), (70, -0.9)],
+    ]
+    resume = path(tokens, [-0.5, -0.1, -0.104, -0.2, -0.505, -0.9], tops)
+    engine_tops = [[]] * 5 + [[(70, -0.2), (71, -0.95)]]
+    actual = engine(tokens, [-0.1, -0.101, -0.104, -0.2, -0.505, -0.2], engine_tops)
+    c = compare(EXPECTED, actual, resume=resume)
+    assert c.render("ref", "eng").splitlines()[:5] == [
+        (
+            "FAIL: on eng's own path, at step 5 eng chose 'F' (id 70) where ref's top token is "
+            "'G' (id 71); margin 0.8 >= epsilon 0.01 (profile fp32); after 2 near-ties crossed "
+            "(steps 2, 4)"
+        ),
+        "  step 5, after 'HixAB'",
+        "  after 2 near-ties crossed (steps 2, 4)",
+        "  ref: logprob('G') = -0.1, logprob('F') = -0.9",
+        "  eng: logprob('F') = -0.2, logprob('G') = -0.95",
+    ]
+    assert c.max_logprob_error == pytest.approx(0.001)
+    assert c.near_tie_steps == [2, 4] and c.judged_steps == 6
+
+
+def test_a_path_logprob_error_without_a_top_list_compares_with_refs_own_logprob():
+    tops = [*PREFIX_TOPS, None, [(66, -0.1)]]
+    resume = path(PATH_TOKENS, [-0.1, -0.1, -0.104, -0.2, -0.1], tops)
+    actual = engine(PATH_TOKENS, [-0.1, -0.1, -0.104, -0.3, -0.1])
+    d = compare(EXPECTED, actual, resume=resume).diagnostic
+    assert (d.kind, d.step, d.expected_token, d.expected_logprob) == ("logprob", 3, 65, -0.2)
