@@ -310,9 +310,9 @@ def test_a_cached_prefix_and_prefill_chunks_change_what_is_evaluated_not_the_ans
 @pytest.mark.smollm
 def test_its_own_embedding_rows_give_exactly_the_token_prompts_answer(engine):
     """The rows of the GGUF's token_embd, fed as a batch of vectors, whole or in chunks.
-    (The reference's rows differ from them by up to 2.4e-4 — mx.load keeps the Q8_0
-    table's affine bias in float16 — and llama.cpp's 8-bit activations turn that into
-    up to 0.21 nats: embeddings/smollm2_from_tokens fails on the Q4_1 file.)"""
+    (The reference loads these rows exactly as stored, so the rows that
+    embeddings/smollm2_from_tokens sends are these very values; when they were 2.4e-4
+    off, llama.cpp's 8-bit activations turned that into up to 0.21 nats.)"""
     gguf = pytest.importorskip("gguf", reason="reading GGUF files needs: pip install gguf")
     from gguf.quants import dequantize
 
