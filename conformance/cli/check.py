@@ -10,7 +10,8 @@ a signal or an internal error still writes the reports of the cases it finished.
 
 ``--against snapshots`` compares with the committed golden snapshots of the
 reference instead of running it (no MLX needed); ``--against DIR`` with
-snapshots written by ``lmconform snapshot``.
+snapshots written by ``lmconform snapshot``. ``-j N`` runs the matrix in N
+worker processes (``conformance.parallel``), with a serial run's verdicts and reports.
 """
 
 from __future__ import annotations
