@@ -5,13 +5,16 @@ prompts, what speculative decoding refuses or drops, and the progress callback."
 from __future__ import annotations
 
 import re
+import time
+from itertools import islice
 
 import mlx.core as mx
 import pytest
 
 from reference import generate, generate_step, stream_generate
 from reference.dummy import dummy_hf_tokenizer
-from reference.generate import as_wrapper, encode_prompt
+from reference.generate import as_wrapper, encode_prompt, roll_back
+from reference.kv_cache import KVCache, RotatingKVCache
 from reference.tokenizer import TokenizerWrapper
 
 PROMPT = "The quick brown fox"
@@ -135,3 +138,69 @@ def test_progress_goes_from_zero_to_the_prompt_size_once_per_chunk(dummy):
     # Prefill feeds all but the last token in chunks of 8; the last comes with the first step.
     chunks = [(min(done, n - 1), n) for done in range(8, n - 1 + 8, 8)]
     assert calls == [(0, n), *chunks, (n, n)]
+
+
+def test_the_samplers_choice_is_checked_and_token_zero_is_a_token(dummy):
+    model, tokenizer = dummy
+    ids = mx.array(tokenizer.encode(PROMPT))
+    zeros = generate_step(ids, model, max_tokens=3, sampler=lambda lp: mx.array([0]))
+    assert [t for t, _ in zeros] == [0, 0, 0]
+    with pytest.raises(ValueError) as raised:
+        list(generate_step(ids, model, max_tokens=2, sampler=lambda lp: mx.array([1, 2])))
+    assert str(raised.value) == "the sampler returned 2 values for one position"
+
+
+def test_rolling_back_to_the_current_offset_trims_nothing_and_an_evicted_window_is_marked():
+    cache = [KVCache(), KVCache()]
+    for layer in cache:
+        keys = mx.zeros((1, 1, 5, 2))
+        layer.update_and_fetch(keys, keys)
+    roll_back(cache, 5)
+    assert [layer.offset for layer in cache] == [5, 5]
+    roll_back(cache, 3)
+    assert [layer.offset for layer in cache] == [3, 3]
+    window = RotatingKVCache(max_size=4, keep=1)
+    keys = mx.zeros((1, 1, 6, 2))
+    window.update_and_fetch(keys, keys)
+    roll_back([window], 2)
+    assert window.offset == 6 and window.unusable == (
+        "a generation failed after its sliding window had evicted positions, so the "
+        "cache could not be rolled back"
+    )
+
+
+def test_no_limit_and_the_default_limit_reach_the_decoder(dummy, dummy_draft):
+    model, tokenizer = dummy
+    endless = TokenizerWrapper(tokenizer.tokenizer, eos_token_ids=[])
+    assert len(list(stream_generate(model, endless, PROMPT))) == 256
+    for draft in (None, dummy_draft[0]):
+        steps = stream_generate(model, endless, PROMPT, max_tokens=-1, draft_model=draft)
+        assert len(list(islice(steps, 257))) == 257
+    # Speculative settings reach the speculative decoder: 3 proposals per round.
+    spec = stream_generate(model, endless, PROMPT, max_tokens=8, draft_model=model,
+                           num_draft_tokens=3)  # fmt: skip
+    assert [r.from_draft for r in spec] == [True, True, True, False] * 2
+
+
+def test_rates_are_tokens_over_the_time_they_took(dummy):
+    """Each rate is bounded by clocks read outside: no faster than the tokens over the
+    time between asking for a response and the first one arriving, no slower than the
+    tokens over the whole call."""
+    model, tokenizer = dummy
+    start = time.perf_counter()
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=3))
+    total = time.perf_counter() - start
+    prompt_size = len(tokenizer.encode(PROMPT))
+    for r in responses:
+        assert r.prompt_tps >= prompt_size / total
+        assert r.generation_tps >= r.generation_tokens / total
+    steps = stream_generate(model, tokenizer, PROMPT, max_tokens=3)
+    next(steps)
+    first = time.perf_counter()
+    time.sleep(0.2)
+    asked = time.perf_counter()
+    second = next(steps)
+    assert second.generation_tps <= second.generation_tokens / (asked - first)
+    mx.reset_peak_memory()
+    last = list(stream_generate(model, tokenizer, PROMPT, max_tokens=2))[-1]
+    assert last.peak_memory == mx.get_peak_memory() / 1e9
