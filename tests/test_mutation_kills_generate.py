@@ -175,7 +175,7 @@ def test_no_limit_and_the_default_limit_reach_the_decoder(dummy, dummy_draft):
     assert len(list(stream_generate(model, endless, PROMPT))) == 256
     for draft in (None, dummy_draft[0]):
         steps = stream_generate(model, endless, PROMPT, max_tokens=-1, draft_model=draft)
-        assert len(list(islice(steps, 257))) == 257
+        assert len(list(islice(steps, 258))) == 258
     # Speculative settings reach the speculative decoder: 3 proposals per round.
     spec = stream_generate(model, endless, PROMPT, max_tokens=8, draft_model=model,
                            num_draft_tokens=3)  # fmt: skip
