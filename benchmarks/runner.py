@@ -315,12 +315,31 @@ class LoadTracker:
 read_counters: Callable[[], CpuCounters | None] = CpuCounters.read
 
 
+def settle(limit_s: float, poll_s: float = 0.0005) -> None:
+    """Wait (sleeping) until this process's other threads stop computing, at most
+    ``limit_s``: an engine that decodes one step ahead (the reference, mlx-lm) still
+    computes on its worker thread after its last token. (An engine whose threads spin
+    while idle costs the whole ``limit_s``.)"""
+    def others() -> float:
+        return time.process_time() - time.thread_time()
+
+    deadline, last = time.perf_counter() + limit_s, others()
+    while time.perf_counter() < deadline:
+        time.sleep(poll_s)
+        now = others()
+        if now - last < poll_s / 50:  # under 2% of a core: only bookkeeping left
+            return
+        last = now
+
+
 class DecodeCpu:
     """``engine`` as the workload sees it, with this process's CPU time stamped at each
     event: ``seconds`` adds up, over the trial's generations, the CPU time from the
-    first event to the last (the decode phase, as ``decode_tps`` times it on the wall
-    clock). The trial's ``cpu_s`` also holds prompt tokenization, request building and
-    prefill, which an engine's decode change does not touch and which dilute it."""
+    first event to the end of the generation, once the engine's worker threads are
+    quiet (``settle``): the decode phase, as ``decode_tps`` times it on the wall clock,
+    with the step an engine computed ahead, whether it finished before or after the
+    last token. The trial's ``cpu_s`` also holds prompt tokenization, request building
+    and prefill, which an engine's decode change does not touch and which dilute it."""
 
     def __init__(self, engine: TimedEngine):
         self.engine = engine
@@ -336,13 +355,17 @@ class DecodeCpu:
         return self._stamped(self.engine.stream_batch(request))
 
     def _stamped(self, events):
-        first = last = None
+        first, count = 0.0, 0
         for item in events:
             yield item
-            last = time.process_time()
-            first = last if first is None else first
-        if first is not None:
-            self.seconds += last - first
+            count += 1
+            if count == 1:
+                first = time.process_time()
+        if count > 1:  # one event (a prefill) has no decode phase
+            # Long enough for one more step on a busy machine (a step's CPU time, 4 times).
+            step = (time.process_time() - first) / (count - 1)
+            settle(limit_s=max(0.01, 4 * step))
+            self.seconds += time.process_time() - first
 
 
 def _timed(engine, workload, outcome, say, what) -> tuple[dict[str, float], dict] | None:
@@ -355,7 +378,7 @@ def _timed(engine, workload, outcome, say, what) -> tuple[dict[str, float], dict
         return None
     # CPU time of this process: an engine in another process (cmd:) is not counted.
     times = {"wall_s": wall, "cpu_s": cpu}
-    if stamped.seconds > 0:  # a prefill (one event per generation) has no decode phase
+    if workload.kind != "prefill":  # one event per generation: no decode phase
         times["decode_cpu_s"] = stamped.seconds
     return {**values, **times}, trial_facts(wall, cpu, before, read_counters())
 

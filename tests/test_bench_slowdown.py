@@ -5,6 +5,7 @@ CPU time is what these tests judge: another process on this shared machine stret
 the wall clock, not the CPU time a computation takes.
 """
 
+import threading
 import time
 from statistics import median
 
@@ -99,3 +100,17 @@ def test_the_runner_records_the_decode_phase_cpu_time_of_each_trial(tmp_path):
         assert abs(decode_cpu - 16 * 0.002) < 0.006
         assert decode_cpu < values[("decode-16", "cpu_s", trial)]
     assert not any(s.metric == "decode_cpu_s" for s in samples if s.workload == "prefill-16")
+
+
+def test_decode_cpu_time_includes_the_work_an_engine_finishes_after_its_last_token():
+    """An engine that decodes ahead still computes after its last token (a worker thread,
+    here one more step's busy-work): the decode phase's CPU time waits for it
+    (``settle``), as the slowed copy's window would hold it during its own busy-work."""
+    class AheadEngine:
+        def generate(self, request):
+            yield from engine_events(5)
+            threading.Thread(target=burn_cpu, args=(STEP_S,)).start()
+
+    stamped = runner.DecodeCpu(AheadEngine())
+    list(stamped.generate(None))
+    assert 4.7 * STEP_S < stamped.seconds < 5.6 * STEP_S
