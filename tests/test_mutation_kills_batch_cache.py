@@ -176,3 +176,12 @@ def test_the_pure_functions_on_a_small_example():
         [1, 2],
     ]
     assert packing(np.zeros((2, 0), bool)) is None
+
+
+def test_no_mask_when_every_query_sees_every_key():
+    batch = BatchKVCache(2)
+    keys = mx.zeros((2, 1, 3, 2))
+    batch.update_and_fetch(keys, keys)
+    assert batch.make_mask(1) is None  # one decoding step, no padding: nothing to hide
+    batch.prepare([1, 0])
+    assert batch.make_mask(1) is not None  # row 0's next column is padding
