@@ -13,6 +13,9 @@ by their float32 de-quantization.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,3 +187,34 @@ def test_fast_path_on_smollm2_decodes_as_the_exact_path(smollm):
         assert fast_token == exact_token
         expected = np.array(exact_logprobs)
         assert np.all(np.abs(np.array(fast_logprobs) - expected) <= tolerance(expected))
+
+
+@pytest.mark.parametrize(
+    ("code", "env", "reason"),
+    [
+        ("import mlx.core; import reference", {}, "mlx.core was imported before reference"),
+        ("import reference", {"LMCONFORM_BLAS": "mlx"}, "LMCONFORM_BLAS=mlx"),
+        ("import reference", {"LMCONFORM_BLAS_THREADS": "two"}, "LMCONFORM_BLAS_THREADS"),
+    ],
+)
+def test_without_openblas_one_notice_and_the_exact_path(code, env, reason):
+    """Where OpenBLAS cannot be put under MLX: one line on stderr saying why, and
+    MLX's own BLAS serves the products, still correctly."""
+    script = (
+        f"{code}\n"
+        "import mlx.core as mx\n"
+        "from reference import blas\n"
+        "assert not blas.install().optimized and blas.install().calls() == 0\n"
+        "assert mx.array_equal(mx.eye(3) @ mx.arange(9.0).reshape(3, 3), mx.arange(9.0).reshape(3, 3))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and reason in lines[0] and "reference BLAS" in lines[0]
