@@ -125,9 +125,14 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "conformance/profiles.py": ("tests/test_thresholds.py", "tests/test_conformance_comparator.py"),
     "conformance/sampling/stats.py": ("tests/test_thresholds.py", *SAMPLER_STATS_FAST),
     "conformance/checks/*": ("tests/test_conformance_catalogue.py", *SAMPLER_STATS_FAST),
+    # test_snapshots.py also runs every model's golden snapshot (minutes): its comparison tests.
     "conformance/snapshots/compare.py": (
         "tests/test_mutation_kills_snapshot_compare.py",
-        "tests/test_snapshots.py",
+        "tests/test_snapshots.py::test_last_digit_float_changes_match",
+        "tests/test_snapshots.py::test_a_logprob_beyond_the_tolerance_fails_with_the_step",
+        "tests/test_snapshots.py::test_a_changed_token_fails_with_case_step_and_both_tokens",
+        "tests/test_snapshots.py::test_the_other_branch_of_a_near_tie_matches_with_a_note",
+        "tests/test_snapshots.py::test_changed_text_draft_flags_prompts_and_verdicts_fail",
     ),
     "conformance/validation.py": (
         "tests/test_mutation_kills_validation.py",
