@@ -232,3 +232,15 @@ def test_text_pieces_join_to_the_tokens_and_only_a_final_stop_end_token_adds_not
     assert complaint(validate_text, exact, letters, ENDS) == (
         f"text pieces join to {'b' * 120!r}, but the tokens decode to {'a' * 120!r}"
     )
+
+
+def test_the_slack_boundaries_are_inclusive():
+    # A chosen logprob exactly the slack below the engine's top passes the greedy rule.
+    pairs = [(2, -0.5), (7, -3.0)]
+    check(make_trace([1] * 4, [-0.5 - LOGPROB_SLACK] * 4, tops(pairs)), top=2)
+    # A top entry of 0 and a chosen logprob exactly the slack away agree.
+    check(make_trace([1] * 4, [-LOGPROB_SLACK] * 4, tops([(1, 0.0), (2, -1.0)])), top=2)
+    # The complaint names the last token, whatever came before it.
+    assert complaint(check, make_trace([1, 2, 3], finish="stop")) == (
+        "finish_reason 'stop' but the last token 3 is no end token and completes no stop sequence"
+    )
