@@ -63,7 +63,7 @@ class Trial:
 def one_comparison(
     engine: str, model: str, workload: workloads.Workload, slowdown: float, seed: int,
     history: History, budget_s: float, target_width: float, min_effect: float,
-    max_repeats: int = 0,
+    max_repeats: int = 0, max_blocks: int = 200,
 ) -> Trial:
     """Run base and slowed head interleaved in blocks; judge them, paired, per metric."""
     head = f"{engine}:name=head" + (f":slowdown={slowdown}" if slowdown else "")
@@ -71,7 +71,7 @@ def one_comparison(
         [TimedEngine.from_spec(f"{engine}:name=base", model), TimedEngine.from_spec(head, model)],
         model, [workload], trials="auto", warmup=1, measure_bandwidth=False,
         order_seed=seed, target_width=target_width, auto_budget_s=budget_s,
-        max_repeats=max_repeats,
+        max_repeats=max_repeats, max_trials=max_blocks,
     )
     started = time.monotonic()
     outcome = runner.run(plan, history, lambda message: None)
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-repeats", type=int, default=0,
                         help="repeats of a disturbed block (0: keep every block; on a machine "
                         "whose load changes all the time, repeats only cost time)")
+    parser.add_argument("--max-blocks", type=int, default=200,
+                        help="most blocks per comparison (short trials reach 200 in ~35 s)")
     parser.add_argument("--db", type=db_target,
                         help="keep the runs in this history (a file or a postgresql:// URL)")
     parser.add_argument("--out", type=Path, help="write the Markdown table and JSON here")
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 trial = one_comparison(args.engine, args.model, workload, slowdown,
                                        seed=repetition, history=history,
                                        budget_s=args.budget, target_width=args.target_width,
-                                       min_effect=args.min_effect, max_repeats=args.max_repeats)
+                                       min_effect=args.min_effect, max_repeats=args.max_repeats,
+                                       max_blocks=args.max_blocks)
                 trials.append(trial)
                 said = "; ".join(
                     f"{name} {'DETECTED' if j.detected else 'quiet'} {j.change:+.2%} "
