@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the runs in this history (a file or a postgresql:// URL)")
     parser.add_argument("--out", type=Path, help="write the Markdown table and JSON here")
     args = parser.parse_args(argv)
+    # Before any engine imports mlx.core: the reference binds MLX's float32 products to
+    # OpenBLAS only if it comes first (reference/blas.py), as under `lmconform bench`.
+    import reference  # noqa: F401
 
     slowdowns = [float(s) for s in args.slowdowns.split(",")]
     workload = workloads.Workload(f"decode-{args.new_tokens}", "decode", prompt_tokens=8,
