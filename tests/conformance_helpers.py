@@ -40,6 +40,17 @@ def dummy_oracle():
 
 
 @cache
+def reference_oracle(model: str):
+    """The live reference of ``model``, one per test session. It keeps its answers, so a
+    test asking what an earlier test asked (the catalogue's requests on smollm2-135m, which
+    the golden snapshots, the mutants' and the sampler tests all ask) gets them at once.
+    Tests must not close it."""
+    from conformance.oracle import ReferenceOracle
+
+    return ReferenceOracle(model)
+
+
+@cache
 def dummy_engine(spec: str):
     """A peer or reference engine on the dummy model (the reference is the oracle's own)."""
     from engines.registry import open_engine

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from conformance_helpers import dummy_case, dummy_engine, dummy_oracle
+from conformance_helpers import dummy_case, dummy_engine, dummy_oracle, reference_oracle
 from mutants import MUTANTS, Control
 
 from conformance.catalogue import build_request, load_cases, select_cases
@@ -175,10 +175,9 @@ def test_mlx_lm_sliding_window_deviation_comes_from_chunked_prefill():
 @pytest.mark.smollm
 @pytest.mark.peer
 def test_mlx_lm_on_smollm2_deviates_only_by_dropping_the_leading_space():
-    from conformance.oracle import ReferenceOracle
     from engines.registry import open_engine
 
-    oracle = ReferenceOracle("smollm2-135m")
+    oracle = reference_oracle("smollm2-135m")
     engine = open_engine("mlx-lm", "smollm2-135m")
     cases = select_cases(load_cases(), "smollm2-135m")
     results = run_cases(cases, engine, oracle, oracle.default_profile())

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from conformance_helpers import dummy_oracle
+from conformance_helpers import dummy_oracle, reference_oracle
 from sampler_mutants import SAMPLER_MUTANTS, draft_token_on_rejection_draw
 from scipy import stats
 
@@ -523,9 +523,7 @@ def test_speculative_decoder_emitting_draft_tokens_is_caught(dummy_draft, oracle
 @pytest.mark.smollm
 @pytest.mark.parametrize("case_id", SMOLLM)
 def test_reference_passes_on_smollm(case_id):
-    from conformance.oracle import ReferenceOracle
-
-    smollm_oracle = ReferenceOracle("smollm2-135m")
+    smollm_oracle = reference_oracle("smollm2-135m")
     # Batched draws, so 20 times the catalogue's N fits in seconds: a stronger check
     # of the reference on a stable support (judge_next_token refuses an unstable one).
     plan = sampling_plan(CASES[case_id], smollm_oracle)

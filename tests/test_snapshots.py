@@ -26,11 +26,10 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 import pytest
-from conformance_helpers import dummy_case, dummy_oracle
+from conformance_helpers import dummy_case, dummy_oracle, reference_oracle
 from mutants import MUTANTS, Control
 
 from conformance.catalogue import load_cases, select_cases
-from conformance.oracle import ReferenceOracle
 from conformance.runner import run_case
 from conformance.snapshots.compare import compare_groups
 from conformance.snapshots.oracle import SnapshotMiss, SnapshotOracle, SnapshotVocabulary
@@ -72,7 +71,7 @@ def golden_params():
 
 @cache
 def recorder(model: str) -> RecordingOracle:
-    oracle = dummy_oracle() if model == "dummy" else ReferenceOracle(model)
+    oracle = dummy_oracle() if model == "dummy" else reference_oracle(model)
     return RecordingOracle(oracle)
 
 
