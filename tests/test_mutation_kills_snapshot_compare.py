@@ -224,3 +224,32 @@ def test_a_difference_without_details_is_one_line():
     assert Difference("c", "what", "a\nb").render() == "c: what\n    a\n    b"
     assert GroupComparison().matches
     assert not GroupComparison([Difference("c", "w")]).matches
+
+
+def test_a_near_tie_note_and_a_failure_use_the_snapshots_labels_and_token_text():
+    old = copy(stored())
+    events = old.cases["greedy/fox"].answers[0].trace.events
+    (first, lp1), (second, _) = events[2].top_logprobs[:2]
+    events[2] = replace(events[2], top_logprobs=[(first, lp1), (second, lp1 - 0.001)])
+    new = copy(old)
+    other = new.cases["greedy/fox"].answers[0].trace.events
+    other[2] = replace(other[2], token=second, logprob=lp1 - 0.001)
+    shown = compare_groups(old, new, decode, token_text=lambda t: f"<{t}>")
+    live = compare_traces(
+        old.cases["greedy/fox"].answers[0].trace,
+        new.cases["greedy/fox"].answers[0].trace,
+        get_profile("fp32"),
+        decode,
+        expected_label="snapshot",
+        actual_label="now",
+        token_text=lambda t: f"<{t}>",
+    )
+    assert shown.near_ties[0].details == live.render("snapshot", "now")
+    assert f"snapshot chose '<{first}>'" in shown.near_ties[0].details
+
+
+def test_a_request_of_exactly_120_characters_is_shown_whole():
+    old = stored()
+    new = copy(old)
+    new.cases[HELLO].answers[0].request = {"p": "x" * 118}  # "p=xxx...": 120 characters
+    assert lines(old, new)[0].endswith("the request changed\n    now: p=" + "x" * 118)
