@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 from types import SimpleNamespace
 
+# isort: off
+import reference  # noqa: F401  (first: its BLAS under mlx.core, see engines/adapters/mlx_style.py)
 import mlx_lm
+# isort: on
 from mlx_lm import sample_utils
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.utils import does_model_support_input_embeddings

@@ -21,7 +21,12 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
+# First, before mlx.core binds its BLAS symbols: the reference's OpenBLAS (reference/blas.py),
+# so that every MLX engine in a process, whichever is imported first, computes on it.
+# isort: off
+import reference  # noqa: F401
 import mlx.core as mx
+# isort: on
 import numpy as np
 
 from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
