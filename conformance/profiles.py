@@ -182,3 +182,19 @@ def get_profile(name: str) -> PrecisionProfile:
 
 def profile_for_model(model: str, override: str | None = None) -> PrecisionProfile:
     return get_profile(override or DEFAULT_PROFILE.get(model, "fp32"))
+
+
+# What a model's default profile becomes for an engine that declares 8-bit activations
+# (``activation_bits = 8``: llama.cpp's CPU path quantizes them inside quantized matmuls);
+# float models are multiplied in float by such engines too, so their profiles stay.
+WITH_8BIT_ACTIVATIONS = {"q4": "q4q8"}
+
+
+def profile_for_engine(
+    profile: PrecisionProfile, engine: object, override: str | None = None
+) -> PrecisionProfile:
+    """The profile ``engine`` is judged under: the user's ``override`` if given, else the
+    model's default ``profile`` as the engine's declared numerics make it."""
+    if override or getattr(engine, "activation_bits", None) != 8:
+        return profile
+    return get_profile(WITH_8BIT_ACTIVATIONS.get(profile.name, profile.name))

@@ -208,6 +208,7 @@ def conformance_session(request):
 def conformance_result(conformance_case, conformance_session, request):
     """Runs the case (skipping when the engine is unavailable); ``judge`` gives the outcome."""
     from conformance.comparator import NEAR_TIE
+    from conformance.profiles import profile_for_engine
     from conformance.report import format_problems
     from conformance.runner import not_covered, run_case
 
@@ -220,7 +221,8 @@ def conformance_result(conformance_case, conformance_session, request):
     if uncovered:
         pytest.skip(uncovered[case.id])
     config = request.config
-    profile = oracle.default_profile(config.getoption(OPTION_PROFILE))
+    override = config.getoption(OPTION_PROFILE)
+    profile = profile_for_engine(oracle.default_profile(override), engine, override)
     result = run_case(case, engine, oracle, profile, config.getoption(OPTION_TIMEOUT))
     request.node.user_properties.append(("verdict", result.verdict))
     if result.verdict == NEAR_TIE:

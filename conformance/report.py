@@ -238,9 +238,10 @@ def _profiles_used(results: list[CaseResult]) -> list[str]:
     lines = []
     for name in dict.fromkeys(r.profile for r in results):
         p = PROFILES[name]
+        probabilities = f" or probabilities within {p.prob_atol:g}" if p.prob_atol else ""
         lines.append(
             f"profile {name}: near-tie below {p.tie_epsilon:g} nats, logprobs within "
-            f"{p.logprob_atol:g} + {p.logprob_rtol:g}*|logprob|"
+            f"{p.logprob_atol:g} + {p.logprob_rtol:g}*|logprob|{probabilities}"
         )
     return lines
 

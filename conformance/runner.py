@@ -31,7 +31,7 @@ from conformance.checks.context import CaseContext, Finding
 from conformance.comparator import FAIL, NEAR_TIE, PASS
 from conformance.conditioning import Conditioning
 from conformance.oracle import Oracle, ReferenceOracle
-from conformance.profiles import PrecisionProfile, profile_for_model
+from conformance.profiles import PrecisionProfile, profile_for_engine, profile_for_model
 from conformance.snapshots.oracle import SnapshotOracle
 from conformance.snapshots.store import GOLDEN_DIR, SnapshotError
 from engines.adapters.line_process import EngineFailure
@@ -279,11 +279,12 @@ class MatrixSession:
                 column += _uncovered(cases, self.uncovered, spec, unit.model, profile)
                 yield EngineRun(spec, unit.model, sorted(column, key=lambda r: order[r.case_id]))
                 continue
-            column = _uncovered(cases, self.uncovered, engine.name, unit.model, profile)
+            judged = profile_for_engine(profile, engine, self.profile_name)
+            column = _uncovered(cases, self.uncovered, engine.name, unit.model, judged)
             start = time.perf_counter()
             try:
                 column += run_cases(
-                    covered, engine, oracle, profile, self.timeout, progress and in_column
+                    covered, engine, oracle, judged, self.timeout, progress and in_column
                 )
             finally:
                 if not self.keep_engines:

@@ -156,7 +156,7 @@ def measure_all(engines: list[str], models: list[str], profile_name: str | None,
     be measured (its answers broke the protocol: a finding, exit 1)."""
     from conformance.agreement import AgreementError, agreement, load_texts
     from conformance.oracle import ReferenceOracle
-    from conformance.profiles import profile_for_model
+    from conformance.profiles import profile_for_engine, profile_for_model
     from engines.protocol import ProtocolError, Unsupported
     from engines.registry import EngineUnavailable, open_engine
 
@@ -172,12 +172,13 @@ def measure_all(engines: list[str], models: list[str], profile_name: str | None,
                     engine = oracle.engine if spec == "reference" else open_engine(spec, model)
                 except EngineUnavailable as error:
                     raise InputError(f"--engine {spec}: {error}") from None
+                judged = profile_for_engine(profile, engine, profile_name)
                 try:
                     if "logprobs" not in engine.capabilities:
                         raise InputError(f"--engine {spec}: reports no logprobs")
                     print(f"lmconform agree: {spec} @ {model} ...", file=sys.stderr)
                     results.append(agreement(
-                        spec, model, profile, oracle.engine, engine, oracle.tokenizer, texts,
+                        spec, model, judged, oracle.engine, engine, oracle.tokenizer, texts,
                         top, positions, cache,
                     ))
                 except (AgreementError, ProtocolError, Unsupported) as error:

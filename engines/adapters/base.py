@@ -34,6 +34,9 @@ class Engine(ABC):
     capabilities: frozenset[str] = frozenset({"greedy"})
     # Model formats this engine loads, most preferred first (see engines/models.py).
     model_formats: tuple[str, ...] = ("hf-folder",)
+    # Bits an engine rounds activations to inside quantized matmuls, where it does (None:
+    # float activations); it picks the precision profile the engine is judged under.
+    activation_bits: int | None = None
 
     def __init__(self, source: ModelSource):
         self.source = source

@@ -114,6 +114,9 @@ def sampler_chain(*samplers):
 class LlamaCppEngine(Engine):
     name = "llama-cpp"
     model_formats = ("gguf",)
+    # ggml's CPU path quantizes activations to 8 bits (Q8_0/Q8_1 blocks) before every
+    # quantized matmul: judged under q4q8 on a 4-bit model (conformance/profiles.py).
+    activation_bits = 8
     capabilities = frozenset(
         {
             "greedy",
