@@ -202,20 +202,51 @@ def summarize(positions: list[Position]) -> Summary:
     )
 
 
+@dataclass(frozen=True)
+class Breach:
+    """One agreement limit a summary breaks."""
+
+    metric: str  # "KL mean", "KL p99", "|dp| p99", "top-1 agreement" or "... at clear positions"
+    value: float
+    limit: float
+    at_least: bool  # the limit is a lower bound
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.value:.4g} {'<' if self.at_least else '>'} {self.limit:.4g}"
+
+
+def breaches(summary: Summary, limits: AgreementLimits) -> list[Breach]:
+    """Each limit the summary breaks, in the order of the profile table (PROTOCOL.md, J6)."""
+    checks = [
+        Breach("KL mean", summary.kl_mean, limits.kl_mean, False),
+        Breach("KL p99", summary.kl_p99, limits.kl_p99, False),
+        Breach("|dp| p99", summary.dp_p99, limits.dp_p99, False),
+        Breach("top-1 agreement", summary.top1, limits.top1_min, True),
+        Breach(
+            "top-1 agreement at clear positions",
+            summary.clear_top1,
+            limits.clear_top1_min,
+            True,
+        ),
+    ]
+    return [b for b in checks if ((b.value < b.limit) if b.at_least else (b.value > b.limit))]
+
+
 def exceeded(summary: Summary, limits: AgreementLimits) -> list[str]:
     """Each limit the summary breaks, as a sentence naming the figure and the limit."""
-    checks = [
-        ("KL mean", summary.kl_mean, limits.kl_mean, False),
-        ("KL p99", summary.kl_p99, limits.kl_p99, False),
-        ("|dp| p99", summary.dp_p99, limits.dp_p99, False),
-        ("top-1 agreement", summary.top1, limits.top1_min, True),
-        ("top-1 agreement at clear positions", summary.clear_top1, limits.clear_top1_min, True),
-    ]
-    problems = []
-    for name, value, limit, at_least in checks:
-        if (value < limit) if at_least else (value > limit):
-            problems.append(f"{name} {value:.4g} {'<' if at_least else '>'} {limit:.4g}")
-    return problems
+    return [str(b) for b in breaches(summary, limits)]
+
+
+def worst_position(positions: list[Position], metric: str) -> Position:
+    """The position that does most to break ``metric`` (a ``Breach.metric``): the largest KL
+    or |dp|, or for top-1 the disagreement across the largest reference margin (at a clear
+    position, for the clear figure)."""
+    if metric.startswith("KL"):
+        return max(positions, key=lambda p: p.kl)
+    if metric.startswith("|dp|"):
+        return max(positions, key=lambda p: abs(p.dp))
+    pool = [p for p in positions if p.clear] if "clear" in metric else positions
+    return max(pool, key=lambda p: (not p.same_top, p.crossed))
 
 
 @dataclass

@@ -22,6 +22,8 @@ Besides the cases written out, ``[combinations]`` in ``cases.toml`` declares
 variants (a feature and how it enters a request) and which pairs of them do not
 compose; ``combination_cases`` generates one case per remaining pair
 (``combo/A+B``), of the kind the pair's roles call for (see ``cases.toml``).
+Likewise ``[agreement]`` names the models and position budgets for which
+``agreement_cases`` makes one case per text of ``agreement_texts/``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from conformance.agreement import load_texts
 from engines.protocol import DraftSettings, GenerateRequest, ProcessorSettings, SamplerSettings
 
 CASES_FILE = Path(__file__).with_name("cases.toml")
@@ -49,6 +52,7 @@ KINDS = (
     "seed",
     "distribution",
     "score",
+    "agreement",
 )
 CASE_KEYS = {"id", "kind", "models", "about", "request", "expect", "params"}
 ROLES = ("check", "shape", "invariant")
@@ -92,7 +96,11 @@ def load_cases(path: Path = CASES_FILE) -> list[Case]:
     case needs."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    cases = _written_cases(data) + combination_cases(data.get("combinations", {}))
+    cases = (
+        _written_cases(data)
+        + combination_cases(data.get("combinations", {}))
+        + agreement_cases(data.get("agreement", {}))
+    )
     ids = [c.id for c in cases]
     duplicates = {i for i in ids if ids.count(i) > 1}
     if duplicates:
@@ -239,6 +247,42 @@ def _merged(*parts: dict[str, Any]) -> dict[str, Any]:
             else:
                 out[key] = value
     return out
+
+
+# -- agreement --------------------------------------------------------------------------
+
+
+def agreement_cases(spec: dict[str, Any]) -> list[Case]:
+    """One ``agreement/<prefix><text>`` case per plain text of ``agreement_texts/`` (or the
+    model's ``texts``), for each model of ``[agreement]``. The request's prompt is the
+    text itself, so the case's definition (and a snapshot's staleness) follows the file.
+    Chats are left out: an oracle renders one user message only (``encode_chat``)."""
+    texts = {t.name.split(".")[0]: t.content for t in load_texts() if isinstance(t.content, str)}
+    by_id: dict[str, Case] = {}
+    for model in spec.get("model", []):
+        names = model.get("texts", list(texts))
+        unknown = sorted(set(names) - set(texts))
+        if unknown:
+            raise CatalogueError(f"agreement: no plain text {unknown}; texts: {sorted(texts)}")
+        for name in names:
+            params = {"text": name, "positions": int(model["positions"])}
+            case = Case(
+                id=f"agreement/{model.get('id_prefix', '')}{name}",
+                kind="agreement",
+                models=[],
+                about=(
+                    f"Teacher-forced top logprobs over the first {params['positions']} "
+                    f"positions of the {name} text agree with the reference's within the "
+                    "profile's limits on KL, top-1 and |dp| (PROTOCOL.md, J6)."
+                ),
+                request={"prompt": texts[name]},
+                params=params,
+            )
+            case = by_id.setdefault(case.id, case)
+            if case.params != params:
+                raise CatalogueError(f"{case.id}: models sharing it ask for other positions")
+            case.models.append(model["name"])
+    return list(by_id.values())
 
 
 def select_cases(cases: list[Case], model: str, pattern: str | None = None) -> list[Case]:

@@ -7,12 +7,14 @@
 - prompt_cache.py  cached continuation == computation from scratch
 - sampling.py      seeds repeat; draws fit the implied distribution
 - scoring.py       teacher-forced logprobs == reference's
+- agreement.py     teacher-forced distributions over a shipped text within the profile's limits
 - context.py       what every check works with (running, validating, comparing)
 """
 
 from __future__ import annotations
 
 from conformance.checks import (
+    agreement,
     batch,
     equivalence,
     invariance,
@@ -31,4 +33,5 @@ CHECKS = {
     "seed": sampling.run_seed,
     "distribution": sampling.run_distribution,
     "score": scoring.run,
+    "agreement": agreement.run,
 }

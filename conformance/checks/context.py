@@ -190,9 +190,9 @@ class CaseContext:
             traces.append(trace)
         return traces
 
-    def run_score(self, request: ScoreRequest) -> Trace:
+    def run_score(self, request: ScoreRequest, top: int = ENGINE_TOP) -> Trace:
         self.require(request.capabilities_needed())
-        top = ENGINE_TOP if "logprobs" in self.engine.capabilities else 0
+        top = top if "logprobs" in self.engine.capabilities else 0
         sent = replace(request, top_logprobs=top)
         trace = Trace(list(self.engine.score(sent)))
         try:
