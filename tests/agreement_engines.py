@@ -67,3 +67,28 @@ class NoTopLogprobs(ReferenceEngine):
 
     def score(self, request):
         return [replace(e, top_logprobs=None) for e in super().score(request)]
+
+
+class ScoreChunksForgetContext(ReferenceEngine):
+    """Broken: ``score`` runs the text in chunks of ``chunk`` tokens, each from an empty
+    cache, so every position past the first chunk is predicted without the text before
+    its chunk (and from position 0 again): the kind of bug reported for prompt logprobs
+    under chunked prefill. Generation is the reference's, and so is every score of fewer
+    than ``chunk`` tokens."""
+
+    name = "mutant-score-chunks"
+    chunk = 64
+
+    def score(self, request):
+        tokens = list(request.prompt) + list(request.continuation)
+        rows = []
+        for start in range(0, len(tokens), self.chunk):
+            logits = self.model(mx.array(tokens[start : start + self.chunk])[None])[0]
+            logits = logits.astype(mx.float32)  # (chunk, vocab)
+            rows.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+        logprobs = np.concatenate(rows)
+        start = len(request.prompt) - 1
+        return [
+            event_from_logprobs(t, logprobs[start + i], self.vocab_size, request.top_logprobs)
+            for i, t in enumerate(request.continuation)
+        ]

@@ -106,7 +106,6 @@ def _ranked(event: TokenEvent, show) -> list[RankedToken]:
     return [RankedToken(t, show(t), lp) for t, lp in event.top_logprobs[:TOP_SHOWN]]
 
 
-
 def _value_at(worst: Position, metric: str) -> str:
     if metric.startswith("KL"):
         return f"KL {worst.kl:.3g}"
