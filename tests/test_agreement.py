@@ -22,12 +22,16 @@ from conformance_helpers import decode_bytes, dummy_oracle, make_trace
 import conformance
 from conformance.agreement import (
     RESOLUTION,
+    Position,
     Text,
+    breaches,
     coarse_kl,
     exceeded,
     load_texts,
     measure,
     position,
+    summarize,
+    worst_position,
 )
 from conformance.comparator import FAIL, PASS, compare_traces
 from conformance.profiles import PROFILES, AgreementLimits, get_profile
@@ -103,6 +107,43 @@ def test_a_top1_disagreement_records_the_reference_margin_it_crossed():
     # A token the reference does not list: at least the margin to its last listed one.
     assert position("t", 1, reference, [(9, -0.1)], epsilon=0.1).crossed == pytest.approx(2.8)
     assert position("t", 1, reference, reference, epsilon=0.1).crossed == 0.0
+
+
+def at(index: int, kl: float = 0.0, dp: float = 0.0, crossed: float = 0.0,
+       clear: bool = True) -> Position:
+    return Position("t", index, kl, 0.0, crossed == 0.0, clear, dp, crossed)
+
+
+def test_the_worst_position_is_the_one_that_most_breaks_the_named_limit():
+    positions = [
+        at(1, kl=0.5),
+        at(2, dp=-0.4),
+        at(3, crossed=0.2),
+        at(4, crossed=0.9, clear=False),
+        at(5, kl=0.1, dp=0.3),
+    ]
+    assert worst_position(positions, "KL mean").index == 1
+    assert worst_position(positions, "KL p99").index == 1
+    assert worst_position(positions, "|dp| p99").index == 2  # by magnitude
+    assert worst_position(positions, "top-1 agreement").index == 4
+    assert worst_position(positions, "top-1 agreement at clear positions").index == 3
+
+
+def test_breaches_come_in_the_profile_tables_order_and_read_as_sentences():
+    positions = [at(1, kl=0.5, dp=0.4, crossed=0.2), at(2)]
+    broken = breaches(summarize(positions), get_profile("fp32").agreement)
+    assert [b.metric for b in broken] == [
+        "KL mean",
+        "KL p99",
+        "|dp| p99",
+        "top-1 agreement",
+        "top-1 agreement at clear positions",
+    ]
+    assert str(broken[0]) == "KL mean 0.25 > 1e-06"
+    assert str(broken[-1]) == "top-1 agreement at clear positions 0.5 < 1"
+    assert exceeded(summarize(positions), get_profile("fp32").agreement) == [
+        str(b) for b in broken
+    ]
 
 
 # -- measuring engines on dummy ---------------------------------------------------------------
