@@ -39,6 +39,7 @@ from pathlib import Path
 
 from benchmarks import compare, engines, history, ingest, plot, report, runner, workloads
 from benchmarks.stats import DEFAULT_MIN_EFFECT
+from engines.inputs import Parser
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -378,7 +379,7 @@ def ingest_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmconform")
+    parser = Parser(prog="lmconform")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args) or 0)

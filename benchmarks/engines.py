@@ -32,6 +32,7 @@ from functools import cache
 from typing import Any
 
 from benchmarks import memory
+from engines.inputs import non_empty, number
 from engines.jsonl_protocol import EngineTimes
 from engines.models import ModelSource
 from engines.protocol import (
@@ -42,7 +43,14 @@ from engines.protocol import (
     ProcessorSettings,
     TokenEvent,
 )
-from engines.registry import EngineSpec, EngineUnavailable, engine_class, open_engine, parse_spec
+from engines.registry import (
+    EngineSpec,
+    EngineUnavailable,
+    check_spec,
+    engine_class,
+    open_engine,
+    parse_spec,
+)
 
 BENCH_OPTIONS = ("name", "slowdown")
 # Engines that exist only to test the benchmarks themselves: name -> "module:Class".
@@ -96,13 +104,14 @@ def parse_bench_spec(text: str) -> tuple[EngineSpec, str | None, float]:
     if head in INSTRUMENTS:
         text = INSTRUMENTS[head] + sep + rest
     spec, taken = parse_spec(text).without(*BENCH_OPTIONS)
-    try:
-        slowdown = float(taken.get("slowdown") or 0)
-    except ValueError:
-        raise EngineUnavailable(f"slowdown={taken['slowdown']!r} is not a number") from None
-    if slowdown < 0:
-        raise EngineUnavailable(f"slowdown fraction must be >= 0, got {slowdown}")
-    return spec, taken.get("name"), slowdown
+    check_spec(spec)  # the engine and its own options, now: a typo is not found mid-run
+    checks = {"slowdown": number(float, 0, 10), "name": non_empty}
+    for key, value in taken.items():
+        try:
+            checks[key](value)
+        except ValueError as error:
+            raise EngineUnavailable(f"{text!r}: option {key}={value!r}: {error}") from None
+    return spec, taken.get("name"), float(taken.get("slowdown") or 0)
 
 
 def default_name(spec: EngineSpec) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from benchmarks import memory
 from benchmarks.engines import Profile
 from engines.adapters.base import Engine
+from engines.inputs import number
 from engines.models import ModelSource
 from engines.protocol import BatchRequest, GenerateRequest, TokenEvent
 
@@ -86,6 +87,11 @@ class SyntheticEngine(Engine):
     name = "synthetic"
     model_formats = ("builtin",)
     capabilities = frozenset({"greedy", "stream", "logit_bias", "speculative", "batch"})
+    option_checks: ClassVar[dict] = {
+        "step_ms": number(float, 0, 60_000), "prefill_us": number(float, 0, 60_000_000),
+        "batch_growth": number(float, 0, 100), "kv_bytes": number(float, 0, 2**30),
+        "weight_mb": number(float, 0, 2**20),
+    }
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
+from engines.inputs import did_you_mean
 from engines.models import ModelUnavailable, resolve
 
 
@@ -105,8 +106,9 @@ def parse_spec(text: str) -> EngineSpec:
         return EngineSpec(text, "builtin", target, dict(reversed(options.items())))
     module, _, cls = target.partition(":")
     if not (module and cls) or not all(p.isidentifier() for p in [*module.split("."), cls]):
-        known = ", ".join([*BUILTIN_ENGINES, "module:Class", "cmd:COMMAND"])
-        raise EngineUnavailable(f"unknown engine {text!r}; use one of {known}")
+        known = ", ".join([*BUILTIN_ENGINES, "module:Class", "cmd:COMMAND", "openai:URL"])
+        hint = did_you_mean(target, [*BUILTIN_ENGINES, "cmd", "openai"])
+        raise EngineUnavailable(f"unknown engine {text!r}{hint}; use one of {known}")
     return EngineSpec(text, "module", target, dict(reversed(options.items())))
 
 
@@ -175,7 +177,17 @@ def engine_class(spec: str | EngineSpec) -> type:
         raise EngineUnavailable(f"module {module_name!r} has no class {class_name!r}") from None
 
 
+def check_spec(text: str | EngineSpec) -> EngineSpec:
+    """``text`` parsed, its engine found and its options' names and values checked, without
+    opening it: what every command does with an engine spec before anything runs."""
+    spec = parse_spec(text) if isinstance(text, str) else text
+    _check_options(engine_class(spec), spec)
+    return spec
+
+
 def _check_options(cls: type, spec: EngineSpec) -> None:
+    """Option names against the constructor's keyword-only parameters; values by the
+    adapter's ``option_checks`` (option name -> a validator of ``engines.inputs``)."""
     if not spec.options:
         return
     accepted = [
@@ -186,9 +198,18 @@ def _check_options(cls: type, spec: EngineSpec) -> None:
     unknown = sorted(set(spec.options) - set(accepted))
     if unknown:
         takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes no options"
+        hint = did_you_mean(unknown[0], accepted) if len(unknown) == 1 else ""
         raise EngineUnavailable(
-            f"engine {spec.target!r} has no option {', '.join(unknown)} ({takes})"
+            f"engine {spec.target!r} has no option {', '.join(unknown)}{hint} ({takes})"
         )
+    for key, check in getattr(cls, "option_checks", {}).items():
+        if key in spec.options:
+            try:
+                check(spec.options[key])
+            except ValueError as error:
+                raise EngineUnavailable(
+                    f"engine {spec.target!r}: option {key}={spec.options[key]!r}: {error}"
+                ) from None
 
 
 def open_engine(spec: str | EngineSpec, model: str):

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from engines.deadline import Interrupted
+from engines.inputs import Parser, environment_problems
 
 # Module defining ``add_parsers(subparsers)`` -> the commands it adds (each sets ``func``).
 COMMAND_MODULES = {
@@ -59,7 +60,7 @@ def _unavailable(subparsers, module: str, commands: tuple[str, ...], error: Exce
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmconform",
         description="Conformance and benchmarking suite for LLM text generation.",
         epilog=EXIT_CODES,
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from engines.adapters.line_process import stop_all
+
+    problems = environment_problems()
+    if problems:  # every command may open an engine or the reference, which read them
+        for problem in problems:
+            print(f"lmconform {args.command}: {problem}", file=sys.stderr)
+        return 2
 
     restore = _stop_on_signals()
     try:

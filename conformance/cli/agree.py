@@ -19,11 +19,19 @@ from dataclasses import asdict
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from conformance.cli.check import InputError, check_engines, check_report_paths
+from conformance.cli.options import (
+    REPORTS,
+    InputError,
+    add_report_options,
+    check_engines,
+    check_profile,
+    check_report_paths,
+)
+from engines.inputs import arg_type, did_you_mean, distinct, number
 
-REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
 HISTORY_WORKLOAD = "agreement"
 MAX_TOP = 1000  # a longer top-k list is a typo (and a slow engine answer)
+MAX_POSITIONS = 10_000_000  # far beyond the shipped texts: a larger count is a typo
 EXIT_CODES = """exit status:
   0    every engine is within its profile's agreement limits
   1    an engine broke a limit, or its answers could not be measured (a finding)
@@ -53,18 +61,19 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--profile", help="precision profile (default: per model)")
     parser.add_argument(
-        "--top", type=int, default=None, help="top logprobs asked of each side (default 40)"
+        "--top",
+        type=arg_type(number(int, 2, MAX_TOP), "count"),  # a margin needs two
+        default=None,
+        help="top logprobs asked of each side (default 40)",
     )
     parser.add_argument(
         "--positions",
-        type=int,
+        type=arg_type(number(int, 1, MAX_POSITIONS), "count"),
         default=None,
         help="positions measured, split evenly among the texts (default: all of them; "
         "512 on smollm2-135m)",
     )
-    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="write a Markdown report")
-    parser.add_argument("--junit", metavar="FILE", help="write JUnit XML (for CI)")
+    add_report_options(parser, "the figures")
     parser.add_argument(
         "--db",
         type=history_target,
@@ -108,22 +117,21 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Check every option; ``InputError`` names the first bad one."""
-    from conformance.profiles import get_profile
     from engines.models import BUILTIN_MODELS
 
-    if args.profile:
-        try:
-            get_profile(args.profile)
-        except ValueError as error:
-            raise InputError(f"--profile: {error}") from None
-    models = list(dict.fromkeys(args.model or ["dummy"]))
+    check_profile(args.profile)
+    try:
+        models = distinct("--model", args.model or ["dummy"])
+    except ValueError as error:
+        raise InputError(str(error)) from None
     for model in models:
         if model not in BUILTIN_MODELS:
-            raise InputError(f"--model {model!r}: unknown; models: {', '.join(BUILTIN_MODELS)}")
-    if args.top is not None and not 2 <= args.top <= MAX_TOP:
-        raise InputError(f"--top {args.top}: expected 2 to {MAX_TOP} (a margin needs two)")
-    if args.positions is not None and args.positions < 1:
-        raise InputError(f"--positions {args.positions}: expected at least 1")
+            raise InputError(
+                f"--model {model!r}: unknown{did_you_mean(model, BUILTIN_MODELS)}; "
+                f"models: {', '.join(BUILTIN_MODELS)}"
+            )
+    if args.no_history and args.db is not None:
+        raise InputError("--db and --no-history contradict each other: give one")
     check_report_paths(args)
     if not args.no_history:
         check_history(args)

@@ -17,20 +17,31 @@ worker processes (``conformance.parallel``), with a serial run's verdicts and re
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from conformance.cli.options import (
+    REPORTS,
+    InputError,
+    add_report_options,
+    case_patterns,
+    check_engines,
+    check_models,
+    check_profile,
+    check_report_paths,
+)
+from engines.inputs import arg_type, non_empty, number, seconds
 from engines.models import DEFAULT_CASE_TIMEOUT_S, DEFAULT_MODELS
 
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a longer per-case limit is a typo
-REPORTS = (("json", "--json"), ("markdown", "--markdown"), ("junit", "--junit"))
+# More workers than this per core is a typo (each loads its models).
+MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
+seconds_option = arg_type(seconds, "seconds")
+jobs_option = arg_type(number(int, 1, MAX_JOBS, what="processes"), "processes")
 HEARTBEAT_S = 10.0  # a case running longer says so on stderr this often
 EXIT_CODES = """exit status:
   0    every checked case passed (pass or near-tie), and at least one case was checked
@@ -42,10 +53,6 @@ EXIT_CODES = """exit status:
        could not be opened, or no selected case could be checked (all unsupported)
   3    an internal error of lmconform (traceback saved to a file, its path printed)
   130  stopped by SIGINT, 143 by SIGTERM: engines stopped, reports of finished cases written"""
-
-
-class InputError(Exception):
-    """A bad option or input: exit status 2, with a one-line message."""
 
 
 def add_parser(subparsers) -> None:
@@ -69,9 +76,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--cases", help="case ids to run: substrings or globs, comma-separated")
     parser.add_argument("--profile", help="precision profile (default: per model, fp32 or q4)")
-    parser.add_argument("--json", metavar="FILE", help="write the full results as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="write a Markdown report")
-    parser.add_argument("--junit", metavar="FILE", help="write JUnit XML (for CI)")
+    add_report_options(parser)
     parser.add_argument(
         "--timeout",
         type=seconds_option,
@@ -81,6 +86,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--against",
         default="reference",
+        type=arg_type(non_empty, "source"),
         metavar="SOURCE",
         help="what engines are compared with: 'reference' (run it live; default), 'snapshots' "
         "(the committed golden outputs of the reference; needs no MLX) or a folder written "
@@ -97,30 +103,6 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.set_defaults(func=run)
-
-
-def seconds_option(text: str) -> float:
-    """A time limit: a finite number of seconds in (0, MAX_TIMEOUT_S] (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
-        raise argparse.ArgumentTypeError(
-            f"expected seconds, a number in (0, {MAX_TIMEOUT_S:g}], got {text!r}"
-        )
-    return value
-
-
-def jobs_option(text: str) -> int:
-    """A number of worker processes: an integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,25 +147,13 @@ class Plan:
 def prepare(args: argparse.Namespace) -> Plan:
     """Check every option and input; ``InputError`` names the first bad one."""
     from conformance.catalogue import load_cases, select_cases
-    from conformance.profiles import get_profile
 
-    if args.profile:
-        try:
-            get_profile(args.profile)  # fail early on a typo, before any model loads
-        except ValueError as error:
-            raise InputError(f"--profile: {error}") from None
+    check_profile(args.profile)  # fail early on a typo, before any model loads
     catalogue = load_cases()
     known = sorted({m for case in catalogue for m in case.models})
-    models = list(dict.fromkeys(args.model or DEFAULT_MODELS))
-    for model in models:
-        if model not in known:
-            raise InputError(
-                f"--model {model!r}: no case of the catalogue runs on it; models: {', '.join(known)}"
-            )
-    if args.cases is not None:
-        patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
-        if not patterns:
-            raise InputError(f"--cases {args.cases!r}: no pattern given")
+    models = check_models(args.model or list(DEFAULT_MODELS), known)
+    patterns = case_patterns(args.cases)
+    if patterns is not None:
         for pattern in patterns:
             if not any(select_cases(catalogue, m, pattern) for m in models):
                 raise InputError(
@@ -201,32 +171,6 @@ def prepare(args: argparse.Namespace) -> Plan:
     cases = {m: c for m, c in cases.items() if args.against == "reference" or m in oracles}
     engines = check_engines(args.engine)
     return Plan(list(cases), cases, engines, args.engine is not None, oracles)
-
-
-def check_report_paths(args: argparse.Namespace) -> None:
-    """Each report path must be a file that can be created in an existing folder."""
-    seen: dict[Path, str] = {}
-    for attribute, option in REPORTS:
-        value = getattr(args, attribute)
-        if value is None:
-            continue
-        path = Path(value)
-        resolved = path.resolve()
-        if resolved in seen:
-            raise InputError(f"{option} {value}: the same file as {seen[resolved]}")
-        seen[resolved] = option
-        if path.is_dir():
-            raise InputError(f"{option} {value}: is a folder, not a file")
-        if not path.parent.is_dir():
-            raise InputError(f"{option} {value}: folder {path.parent} does not exist")
-        try:  # the only sure test of "writable": write something there
-            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as error:
-            raise InputError(f"{option} {value}: cannot write there ({error.strerror})") from None
-        if path.exists() and not os.access(path, os.W_OK):
-            raise InputError(f"{option} {value}: the file exists and is not writable")
 
 
 def open_snapshots(against: str, cases: dict[str, list], explicit_models: bool) -> dict:
@@ -262,21 +206,6 @@ def open_snapshots(against: str, cases: dict[str, list], explicit_models: bool) 
             f"--against {against}: no snapshots of {', '.join(cases)} in {folder}"
         )
     return oracles
-
-
-def check_engines(specs: list[str] | None) -> list[str]:
-    """Engines asked for by name must all be usable; the default skips missing peers."""
-    from engines import registry
-    from engines.registry import EngineUnavailable, engine_class, installed_peers, parse_spec
-
-    if specs is None:
-        return ["reference", *installed_peers()]
-    for spec in specs:
-        try:
-            registry._check_options(engine_class(spec), parse_spec(spec))  # options too, now
-        except EngineUnavailable as error:
-            raise InputError(f"--engine {spec}: {error}") from None
-    return list(dict.fromkeys(specs))
 
 
 def execute(args: argparse.Namespace, plan: Plan) -> int:

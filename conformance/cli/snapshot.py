@@ -35,6 +35,7 @@ EXIT_CODES = """exit status:
 
 def add_parser(subparsers) -> None:
     from conformance.cli.check import seconds_option
+    from engines.inputs import arg_type, folder_to_create
 
     parser = subparsers.add_parser(
         "snapshot",
@@ -53,7 +54,13 @@ def add_parser(subparsers) -> None:
         action="append",
         help=f"model name (repeatable; default: {', '.join(SNAPSHOT_MODELS)})",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write to")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=arg_type(folder_to_create, "folder"),
+        metavar="DIR",
+        help="folder to write to (created if missing)",
+    )
     parser.add_argument("--cases", help="case ids: substrings or globs, comma-separated")
     parser.add_argument("--profile", help="precision profile recorded with the snapshots")
     parser.add_argument(
@@ -67,37 +74,25 @@ def add_parser(subparsers) -> None:
 
 def check_inputs(args: argparse.Namespace, catalogue) -> str | None:
     """The first bad option, as a one-line message; None if all are usable."""
-    import os
-
     from conformance.catalogue import select_cases
-    from conformance.profiles import get_profile
-    from engines.registry import EngineUnavailable, engine_class
+    from conformance.cli.options import (
+        InputError,
+        case_patterns,
+        check_engines,
+        check_models,
+        check_profile,
+    )
 
-    models = args.model or list(SNAPSHOT_MODELS)
     known = sorted({m for case in catalogue for m in case.models})
-    for model in models:
-        if model not in known:
-            return f"--model {model!r}: no case of the catalogue runs on it; models: " + ", ".join(
-                known
-            )
-    for pattern in [p.strip() for p in (args.cases or "").split(",") if p.strip()]:
-        if not any(select_cases(catalogue, m, pattern) for m in models):
-            return f"--cases: {pattern!r} matches no case on {', '.join(models)}"
-    if args.profile:
-        try:
-            get_profile(args.profile)
-        except ValueError as error:
-            return f"--profile: {error}"
-    out = Path(args.out)
-    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not existing.is_dir():
-        return f"--out {args.out}: {existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--out {args.out}: {existing} cannot be written"
     try:
-        engine_class(args.engine)
-    except EngineUnavailable as error:
-        return f"--engine {args.engine}: {error}"
+        models = check_models(args.model or list(SNAPSHOT_MODELS), known)
+        for pattern in case_patterns(args.cases) or []:
+            if not any(select_cases(catalogue, m, pattern) for m in models):
+                return f"--cases: {pattern!r} matches no case on {', '.join(models)}"
+        check_profile(args.profile)
+        check_engines([args.engine])
+    except InputError as error:
+        return str(error)
     return None
 
 

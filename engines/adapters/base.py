@@ -13,8 +13,8 @@ To plug in your own Python engine, subclass ``Engine`` and run
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class Engine(ABC):
     # Bits an engine rounds activations to inside quantized matmuls, where it does (None:
     # float activations); it picks the precision profile the engine is judged under.
     activation_bits: int | None = None
+    # Spec options (strings, ``NAME:key=value``) -> a validator of ``engines.inputs``: the
+    # registry checks their values before the engine is opened (a typo is exit 2 at once).
+    option_checks: ClassVar[dict[str, Callable[[str], object]]] = {}
 
     def __init__(self, source: ModelSource):
         self.source = source

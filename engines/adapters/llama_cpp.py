@@ -43,11 +43,13 @@ import codecs
 import ctypes
 import os
 from collections.abc import Iterator
+from typing import ClassVar
 
 import llama_cpp
 import numpy as np
 
 from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
+from engines.inputs import number
 from engines.protocol import (
     GenerateRequest,
     ProcessorSettings,
@@ -114,6 +116,7 @@ def sampler_chain(*samplers):
 class LlamaCppEngine(Engine):
     name = "llama-cpp"
     model_formats = ("gguf",)
+    option_checks: ClassVar[dict] = {"threads": number(int, 1, 4096), "n_ctx": number(int, 16, 2**24)}
     # ggml's CPU path quantizes activations to 8 bits (Q8_0/Q8_1 blocks) before every
     # quantized matmul: judged under q4q8 on a 4-bit model (conformance/profiles.py).
     activation_bits = 8

@@ -43,12 +43,13 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from engines.adapters.base import Engine
 from engines.adapters.line_process import EngineFailure
 from engines.byte_level import BYTE_OF_CHAR
 from engines.deadline import CaseTimeout
+from engines.inputs import flag, non_empty, seconds
 from engines.models import ModelSource
 from engines.protocol import (
     BatchRequest,
@@ -413,6 +414,10 @@ class OpenAIEngine(Engine):
     # The folder holds the tokenizer the token names are mapped back through.
     model_formats = ("hf-folder",)
     url = ""
+    option_checks: ClassVar[dict] = {
+        "model": non_empty, "api_key_env": non_empty, "chat": flag, "timeout": seconds,
+        "token_ids": flag, "top_logprobs": flag,
+    }
 
     @classmethod
     def bind(cls, url: str) -> type[OpenAIEngine]:

@@ -35,6 +35,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from engines.adapters.base import Engine, ends_with_any, event_from_logprobs
+from engines.inputs import number
 from engines.models import resolve
 from engines.protocol import BatchRequest, GenerateRequest, ScoreRequest, TokenEvent, Unsupported
 
@@ -123,6 +125,7 @@ class QueueStreamer(BaseStreamer):
 class TransformersEngine(Engine):
     name = "transformers"
     model_formats = ("gguf", "hf-float-folder")
+    option_checks: ClassVar[dict] = {"threads": number(int, 1, 4096)}
     capabilities = frozenset(
         {
             "greedy",
