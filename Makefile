@@ -34,7 +34,7 @@ run: $(STAMP)
 		[ $$status -le 1 ]
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check reference engines conformance benchmarks lmconform tests
