@@ -631,6 +631,75 @@ class ScoreSamePosition(Control):
         ]
 
 
+class OneTokenSequenceAsStopToken(Control):
+    # mistral.rs #109 (review: a stop given as token ids was taken for stop tokens, not a
+    # sequence): a one-token stop sequence is handed to the stop-token check, so its token
+    # stops generation but is treated as silent.
+    name = "mutant-one-token-sequence"
+    bug = "a stop sequence of one token is handled as a stop token: its text is withheld"
+    caught_by = ("stopping/one_token_sequence",)
+
+    def generate(self, request):
+        single = [s[0] for s in request.stop_sequences if len(s) == 1]
+        longer = [s for s in request.stop_sequences if len(s) > 1]
+        yield from super().generate(
+            replace(request, stop_tokens=[*request.stop_tokens, *single], stop_sequences=longer)
+        )
+
+
+def naive_stop(tokens: list[int], sequences: list[list[int]]) -> int | None:
+    """Where a matcher that tracks one matched length per sequence, and restarts from the
+    current token on a mismatch, first sees a sequence complete (None: never)."""
+    matched = [0] * len(sequences)
+    for i, token in enumerate(tokens):
+        for j, seq in enumerate(sequences):
+            if token == seq[matched[j]]:
+                matched[j] += 1
+            else:
+                matched[j] = 1 if token == seq[0] else 0
+            if matched[j] == len(seq):
+                return i
+    return None
+
+
+class StopSequenceMatcherResets(Control):
+    # litgpt #2302 / #2303 "Fix overlapping stop sequence matching": the matcher "tracked
+    # only one prefix length and reset it ... on every mismatch", so a token ending one
+    # partial match while starting the next was lost and the sequence never seen.
+    name = "mutant-stop-sequence-reset"
+    bug = "the stop-sequence matcher restarts on a mismatch and misses self-overlapping matches"
+    caught_by = ("stopping/overlapping_sequence",)
+
+    def generate(self, request):
+        if not request.stop_sequences:
+            yield from super().generate(request)
+            return
+        # Streamed, so that every event carries its own text when the answer is cut.
+        events = list(super().generate(replace(request, stop_sequences=[], stream=True)))
+        end = naive_stop([e.token for e in events], request.stop_sequences)
+        if end is None or end == len(events) - 1:
+            yield from events
+            return
+        yield from events[:end]
+        yield replace(events[end], finish_reason="stop")
+
+
+class EndTokenEmitsText(Control):
+    # mlx-lm's and llama.cpp's detokenizers decode special tokens on request
+    # (skip_special_tokens / `special`): an engine that keeps them on streams the model's
+    # own end token as "<|endoftext|>".
+    name = "mutant-end-token-text"
+    bug = "the model's own end token is decoded into the text ('<|endoftext|>')"
+    caught_by = ("stream/end_token_silent",)
+
+    def generate(self, request):
+        ends = self.tokenizer.eos_token_ids
+        for event in super().generate(request):
+            if event.finish_reason == "stop" and event.token in ends:
+                event = replace(event, text=event.text + self.tokenizer.decode([event.token]))
+            yield event
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -721,4 +790,8 @@ MUTANTS = [
     LogprobsUnnormalized,
     ScoreSamePosition,
     NoisyThenPositionSlip,
+    # rule edges and the combination variants
+    OneTokenSequenceAsStopToken,
+    StopSequenceMatcherResets,
+    EndTokenEmitsText,
 ]
