@@ -39,7 +39,20 @@ from pathlib import Path
 
 from benchmarks import compare, engines, history, ingest, plot, report, runner, workloads
 from benchmarks.stats import DEFAULT_MIN_EFFECT
-from engines.inputs import Parser
+from engines.inputs import (
+    Parser,
+    arg_type,
+    did_you_mean,
+    environment_problems,
+    non_empty,
+    number,
+    output_file_anywhere,
+    seconds,
+)
+from engines.models import BUILTIN_MODELS
+
+BENCH_MODELS = (*BUILTIN_MODELS, "synthetic")  # synthetic: the instruments' own
+count = arg_type(number(int, 0, 1_000_000), "count")
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -48,11 +61,19 @@ SUBCOMMANDS = ("run", "show", "compare", "plot", "ingest")
 
 def db_target(text: str) -> str | Path:
     """``--db``: a SQLite file path, or a ``postgresql://`` URL kept as it is."""
-    return text if history.is_postgres(text) else Path(text)
+    return text if history.is_postgres(text) else Path(non_empty(text))
+
+
+def model_name(text: str) -> str:
+    """``--model``: a built-in model (or ``synthetic``, which the instruments take)."""
+    if text not in BENCH_MODELS:
+        raise ValueError(f"unknown model {text!r}{did_you_mean(text, BENCH_MODELS)}; "
+                         f"models: {', '.join(BENCH_MODELS)}")
+    return text
 
 
 def _add_db(parser: argparse.ArgumentParser, **kwargs) -> None:
-    parser.add_argument("--db", type=db_target, help="history: a SQLite file (default "
+    parser.add_argument("--db", type=arg_type(db_target, "history"), help="history: a SQLite file (default "
                         f"{history.DEFAULT_DB}) or a postgresql://user@host/dbname URL",
                         **kwargs)
 
@@ -64,27 +85,29 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     opt("--engines", help="comma list of engine specs, as for lmconform check: reference, "
         "mlx-lm, transformers, module:Class, cmd:COMMAND, synthetic (a test instrument); "
         "each may add :name=LABEL and :slowdown=FRACTION (default reference)", **kwargs)
-    opt("--model", help="built-in model name (default dummy)", **kwargs)
+    opt("--model", type=arg_type(model_name, "model"), help="built-in model name (default dummy)",
+        **kwargs)
     opt("--workloads", help="comma list of workloads or sets: "
         f"{', '.join([*workloads.WORKLOAD_SETS, *workloads.standard_workloads()])} "
         "(default quick)", **kwargs)
     opt("--trials", type=trials, help="timed trials per engine and workload (default 5); "
         "'auto': blocks until the 95%% interval is narrower than --target-width or "
         "--time-budget ends", **kwargs)
-    opt("--warmup", type=int, help="untimed rounds first (default 1)", **kwargs)
-    opt("--max-warmup", type=int, help="more warm-up rounds, up to this many, while the first "
+    opt("--warmup", type=count, help="untimed rounds first (default 1)", **kwargs)
+    opt("--max-warmup", type=count, help="more warm-up rounds, up to this many, while the first "
         "metric still moves by more than 3%% (default: --warmup, no extra rounds)", **kwargs)
-    opt("--seed", type=int, help="seed of the blocks' random engine order (default: a random "
+    opt("--seed", type=arg_type(number(int, 0, 2**63 - 1), "seed"), help="seed of the blocks' random engine order (default: a random "
         "seed, recorded with the run)", **kwargs)
-    opt("--max-repeats", type=int, help="measure a disturbed block again up to this many "
+    opt("--max-repeats", type=count, help="measure a disturbed block again up to this many "
         "times (default 2; 0 keeps every block)", **kwargs)
-    opt("--target-width", type=fraction, help="--trials auto: stop when every 95%% interval "
+    opt("--target-width", type=arg_type(number(float, 0, 10, low_open=True), "fraction"), help="--trials auto: stop when every 95%% interval "
         "is narrower than this fraction (default 0.02)", **kwargs)
-    opt("--time-budget", type=float, help="stop starting trials after this many seconds",
+    opt("--time-budget", type=arg_type(seconds, "seconds"),
+        help="stop starting trials after this many seconds",
         **kwargs)
     opt("--no-bandwidth", action="store_true", help="skip the bandwidth (roofline) measurement",
         **kwargs)
-    opt("--markdown", type=Path, help="also write the summary table as Markdown here", **kwargs)
+    opt("--markdown", type=arg_type(output_file_anywhere, "file"), help="also write the summary table as Markdown here", **kwargs)
     _add_db(parser, **kwargs)
 
 
@@ -147,7 +170,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     show.add_argument("--metric", dest="changes_metric", help="with --changes: only this metric")
     show.add_argument("--workload", dest="changes_workload",
                       help="with --changes: only this workload")
-    show.add_argument("--min-change", type=fraction, default=0.01,
+    show.add_argument("--min-change", type=fraction, default=None,
                       help="with --changes: smallest step reported, as a fraction (0.01)")
     _add_format(show)
     _add_db(show, default=argparse.SUPPRESS)
@@ -175,10 +198,11 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 
     plt = commands.add_parser("plot", help="draw a metric's history over commits as PNG")
     plt.add_argument("--metric", required=True, help="e.g. decode_tps, prefill_tps, ttft_s")
-    plt.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    plt.add_argument("--out", type=arg_type(output_file_anywhere, "file"), required=True,
+                     help="PNG file to write")
     plt.add_argument("--workload", help="only this workload")
     plt.add_argument("--model", dest="plot_model", help="only this model")
-    plt.add_argument("--summary", type=Path,
+    plt.add_argument("--summary", type=arg_type(output_file_anywhere, "file"),
                      help="Markdown summary file (default: next to the PNG, .md)")
     _add_db(plt, default=argparse.SUPPRESS)
     plt.set_defaults(func=plot_command)
@@ -209,6 +233,10 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         return command
 
     def guarded(args: argparse.Namespace) -> int:
+        misplaced = _misplaced_run_options(args)
+        if misplaced:
+            return _error(f"{', '.join(misplaced)}: only with bench run, not bench "
+                          f"{args.bench_command}")
         try:
             return command(args)
         except history.HistoryError as error:
@@ -226,6 +254,15 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
     guarded.guarded = True
     return guarded
+
+
+def _misplaced_run_options(args: argparse.Namespace) -> list[str]:
+    """``run``'s options given before another sub-command (``bench --trials 3 show``), which
+    would be ignored silently."""
+    if getattr(args, "bench_command", None) in (None, "run"):
+        return []
+    return [f"--{key.replace('_', '-')}" for key, default in RUN_DEFAULTS.items()
+            if key != "db" and getattr(args, key, default) != default]
 
 
 def _design(args) -> dict:
@@ -272,6 +309,11 @@ def run_command(args) -> int:
 def show_command(args) -> int:
     if args.changes:
         return changes_command(args)
+    alone = [option for option, value in (("--metric", args.changes_metric),
+             ("--workload", args.changes_workload), ("--min-change", args.min_change))
+             if value is not None]
+    if alone:
+        return _error(f"{', '.join(alone)}: only with --changes")
     with _history(args, read_only=True) as store:
         try:
             run = store.resolve(args.run)
@@ -289,7 +331,12 @@ def show_command(args) -> int:
 
 
 def changes_command(args) -> int:
+    args.min_change = 0.01 if args.min_change is None else args.min_change
     with _history(args, read_only=True) as store:
+        try:
+            _check_in_history(store, metric=args.changes_metric, workload=args.changes_workload)
+        except LookupError as error:
+            return _error(str(error.args[0]))
         found = compare.find_changes(store, args.changes_metric, args.changes_workload,
                                      min_change=args.min_change)
     if args.format != "table":
@@ -353,8 +400,26 @@ def compare_command(args) -> int:
     return status
 
 
+def _check_in_history(store: history.History, **wanted: str | None) -> None:
+    """Each of ``metric``, ``workload``, ``model`` asked for must occur in the history
+    (``LookupError`` names the closest that does): a typo must not read as "no change"."""
+    samples = store.samples()
+    for field, value in wanted.items():
+        present = sorted({getattr(sample, field) for sample in samples})
+        if value is not None and value not in present:
+            raise LookupError(f"no {field} {value!r} in the history{did_you_mean(value, present)}"
+                              f"; there: {', '.join(present) or 'nothing'}")
+
+
 def plot_command(args) -> int:
+    if args.summary is not None and args.summary.resolve() == args.out.resolve():
+        return _error(f"--summary {args.summary}: the same file as --out")
     with _history(args, read_only=True) as store:
+        try:
+            _check_in_history(store, metric=args.metric, workload=args.workload,
+                              model=args.plot_model)
+        except LookupError as error:
+            return _error(str(error.args[0]))
         series = plot.history_series(store, args.metric, args.workload, args.plot_model)
     if not series:
         return _error(f"no samples of metric {args.metric!r} match in the history")
@@ -382,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="lmconform")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    problems = environment_problems()
+    if problems:
+        return _error(problems[0])
     return int(args.func(args) or 0)
 
 

@@ -94,6 +94,16 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_file_anywhere(text: str) -> Path:
+    """A file to write whose missing folders are created: not empty, not a folder, and no
+    file on the way to it."""
+    path = Path(non_empty(text))
+    if path.is_dir():
+        raise ValueError(f"{text}: is a folder, not a file")
+    folder_to_create(str(path.parent))
+    return path
+
+
 def folder_to_create(text: str) -> Path:
     """A folder to write into, created if missing: not empty, and no file on its way."""
     path = Path(non_empty(text))

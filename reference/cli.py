@@ -22,7 +22,10 @@ def add_generate_parser(subparsers) -> None:
         "generation speed, peak memory and finish reason.",
     )
     parser.add_argument(
-        "--model", default="smollm2-135m", help="built-in name, folder, .gguf or Hub id"
+        "--model",
+        type=given,
+        default="smollm2-135m",
+        help="built-in name, folder, .gguf or Hub id",
     )
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="raw prompt text")
@@ -33,8 +36,13 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--top-k", type=bounded(int, 0, MAX_TOKEN_ID), default=0)
     parser.add_argument("--min-p", type=bounded(float, 0.0, 1.0), default=0.0)
     parser.add_argument("--seed", type=bounded(int, 0, 2**64 - 1), default=0)
-    parser.add_argument("--draft-model", help="draft model for speculative decoding")
-    parser.add_argument("--num-draft-tokens", type=bounded(int, 1, 64), default=2)
+    parser.add_argument("--draft-model", type=given, help="draft model for speculative decoding")
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=bounded(int, 1, 64),
+        default=None,
+        help="tokens drafted per step (default 2; needs --draft-model)",
+    )
     parser.add_argument(
         "--exact",
         action="store_true",
@@ -66,7 +74,31 @@ def bounded(kind: type, low, high):
     return parse
 
 
+def given(text: str) -> str:
+    """An argparse type: a name or path that is not empty (``''`` would mean the current
+    folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
+
+
+def contradictions(args: argparse.Namespace) -> str | None:
+    """Options that would be ignored silently: sampling filters at temperature 0 (greedy),
+    draft tokens without a draft model."""
+    filters = [f"--{name}" for name, value in
+               (("top-p", args.top_p), ("top-k", args.top_k), ("min-p", args.min_p)) if value]
+    if filters and args.temp == 0:
+        return f"{', '.join(filters)}: need --temp above 0 (at temperature 0 decoding is greedy)"
+    if args.num_draft_tokens is not None and args.draft_model is None:
+        return "--num-draft-tokens: needs --draft-model"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = contradictions(args)
+    if problem:
+        print(f"lmconform generate: error: {problem}", file=sys.stderr)
+        return 2
     # reference before mlx.core: importing it puts OpenBLAS under MLX (reference/blas.py).
     from reference import load, make_sampler, stream_generate  # noqa: I001
     from reference.inputs import check_sampler
@@ -92,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # settings that do not fit this model (top-k >= vocabulary)
         print(f"error: --top-k: {error}", file=sys.stderr)
         return 2
-    extra = {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens} if draft else {}
+    drafted = args.num_draft_tokens or 2
+    extra = {"draft_model": draft, "num_draft_tokens": drafted} if draft else {}
     response = None
     for response in stream_generate(
         model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, **extra
@@ -127,8 +160,10 @@ def add_models_parser(subparsers) -> None:
         description="Write a model as a Hugging Face folder that transformers (float models) "
         "and mlx-lm (float and quantized models) load.",
     )
-    export.add_argument("name", help="built-in name, .gguf file, model folder or Hub id")
-    export.add_argument("directory", help="output folder (created if missing)")
+    export.add_argument(
+        "name", type=given, help="built-in name, .gguf file, model folder or Hub id"
+    )
+    export.add_argument("directory", type=given, help="output folder (created if missing)")
     export.set_defaults(func=run_export)
 
 
@@ -161,10 +196,17 @@ def add_serve_parser(subparsers) -> None:
         "(streaming, logprobs, token-id prompts, stop, logit_bias, seed); see reference/server.py.",
     )
     parser.add_argument(
-        "--model", default="smollm2-135m", help="built-in name, folder, .gguf or Hub id"
+        "--model",
+        type=given,
+        default="smollm2-135m",
+        help="built-in name, folder, .gguf or Hub id",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    parser.add_argument(
+        "--host", type=given, default="127.0.0.1", help="address to bind (default: loopback)"
+    )
+    parser.add_argument(
+        "--port", type=bounded(int, 0, 65535), default=8080, help="port (0: any free port)"
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -173,6 +215,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(args.model, args.host, args.port)
+    except ValueError as error:  # the model cannot be loaded (unknown name, bad folder)
+        print(f"lmconform serve: error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:  # the port is taken, the address is not ours
         print(f"lmconform serve: error: {error}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path, capsys):
     path = tmp_path / "history.sqlite"
     path.write_bytes(b"this is a text file, not a database\n" * 100)
     before = path.read_bytes()
-    for command in (["show"], ["compare"], ["--engines", "synthetic", "--db", path]):
+    for command in (["show"], ["compare"], ["--engines", "synthetic"]):
         status, _, err = bench(capsys, *command, "--db", path)
         assert status == 2
         one_line_error(err, str(path), "not a usable history")
