@@ -700,6 +700,58 @@ class EndTokenEmitsText(Control):
             yield event
 
 
+class BatchStopTokensShared(Control):
+    # mlx-lm's BatchGenerator takes one `stop_tokens` for the whole batch; an engine that
+    # passes the first row's there stops every row at that row's stop tokens.
+    name = "mutant-batch-stop-tokens"
+    bug = "every batch row stops at the first row's stop tokens, not its own"
+    caught_by = ("combo/batch+stop_token",)
+
+    def generate_batch(self, request):
+        first = request.rows[0].request.stop_tokens
+        rows = [replace(r, request=replace(r.request, stop_tokens=first)) for r in request.rows]
+        return super().generate_batch(BatchRequest(rows))
+
+
+class BatchPrefillTokenUncounted(Control):
+    # A batch scheduler that checks the length limit after each decode step only: the first
+    # token, which comes from the prefill, is never checked, so a row asking for one token
+    # gets a second one (with max_tokens >= 2 the check after a decode step is exact).
+    name = "mutant-batch-max-tokens-one"
+    bug = "a batch row with max_tokens 1 gets 2 tokens (the prefill's token is not checked)"
+    caught_by = ("combo/batch+max_tokens_one",)
+
+    def generate_batch(self, request):
+        rows = [
+            replace(r, request=replace(r.request, max_tokens=2)) if r.request.max_tokens == 1 else r
+            for r in request.rows
+        ]
+        return super().generate_batch(BatchRequest(rows))
+
+
+class TopLogprobsCapped(Control):
+    # lmdeploy #1548 "top_logprobs = 5 ... The number of top logprobs is 4"; Ollama #18590
+    # and vLLM #5299 (a server-side cap on how many are returned).
+    name = "mutant-top-logprobs-cap"
+    bug = "top_logprobs lists are silently cut to 10 entries, however many were asked for"
+    caught_by = ("combo/streaming+top_logprobs",)
+    cap = 10
+
+    def generate(self, request):
+        yield from super().generate(
+            replace(request, top_logprobs=min(request.top_logprobs, self.cap))
+        )
+
+    def generate_batch(self, request):
+        rows = [
+            replace(
+                r, request=replace(r.request, top_logprobs=min(r.request.top_logprobs, self.cap))
+            )
+            for r in request.rows
+        ]
+        return super().generate_batch(BatchRequest(rows))
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -794,4 +846,7 @@ MUTANTS = [
     OneTokenSequenceAsStopToken,
     StopSequenceMatcherResets,
     EndTokenEmitsText,
+    BatchStopTokensShared,
+    BatchPrefillTokenUncounted,
+    TopLogprobsCapped,
 ]

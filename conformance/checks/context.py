@@ -129,7 +129,7 @@ class CaseContext:
         caps = self.engine.capabilities
         sent = replace(
             request,
-            top_logprobs=ENGINE_TOP if "logprobs" in caps else 0,
+            top_logprobs=engine_top(request, caps),
             stream=request.stream and "stream" in caps,
         )
         if self.engine is self.oracle.engine and sent.stream:
@@ -163,9 +163,14 @@ class CaseContext:
 
     def run_batch(self, batch: BatchRequest) -> list[Trace]:
         self.require(batch.capabilities_needed())
-        top = ENGINE_TOP if "logprobs" in self.engine.capabilities else 0
+        caps = self.engine.capabilities
         sent = BatchRequest(
-            [replace(row, request=replace(row.request, top_logprobs=top)) for row in batch.rows]
+            [
+                replace(
+                    row, request=replace(row.request, top_logprobs=engine_top(row.request, caps))
+                )
+                for row in batch.rows
+            ]
         )
         answer = self.engine.generate_batch(sent)
         if len(answer) != len(sent.rows):
@@ -181,7 +186,7 @@ class CaseContext:
                     row.request,
                     vocab_size=self.oracle.vocab_size,
                     end_tokens=self.oracle.end_tokens,
-                    top_logprobs=top,
+                    top_logprobs=row.request.top_logprobs,
                 )
             except ProtocolError as error:
                 raise ProtocolError(f"{self.engine_name}, batch row {i}: {error}") from None
@@ -263,6 +268,12 @@ class CaseContext:
 
     def fail(self, check: str, summary: str, details: str = "") -> None:
         self.add(check, FAIL, summary, details)
+
+
+def engine_top(request: GenerateRequest, capabilities) -> int:
+    """Top logprobs asked of an engine: the request's own count where a case asks for more
+    than the diagnostics need (the top_logprobs combinations), none without ``logprobs``."""
+    return max(request.top_logprobs, ENGINE_TOP) if "logprobs" in capabilities else 0
 
 
 def describe_overrides(overrides: dict[str, Any]) -> str:

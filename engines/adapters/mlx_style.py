@@ -138,11 +138,9 @@ class MlxStyleEngine(Engine):
                 raise Unsupported("batch rows with drafts or embeddings")
             if r.max_kv_size != rows[0].max_kv_size:
                 raise Unsupported("batch rows with different max_kv_size")
-            if set(r.stop_tokens) != set(rows[0].stop_tokens):
-                raise Unsupported("batch rows with different stop tokens")
         if rows[0].sampler.seed is not None:
             mx.random.seed(rows[0].sampler.seed)
-        ends = sorted(set(self.tokenizer.eos_token_ids) | set(rows[0].stop_tokens))
+        ends = sorted(self.tokenizer.eos_token_ids)
         options = {}
         if rows[0].prefill_step_size is not None:
             options["prefill_step_size"] = rows[0].prefill_step_size
@@ -261,13 +259,18 @@ class MlxStyleEngine(Engine):
         return mx.array(list(request.prompt), dtype=mx.int32)
 
     def batch_stops(self, rows: list[GenerateRequest], ends: list[int]) -> list | None:
-        """Per-row stop sequences (end tokens too), or None where no row has its own. mlx-lm
-        takes them as its ``StopSequences`` automata, the reference as plain lists."""
-        if not any(r.stop_sequences for r in rows):
+        """Per-row stop sequences (end tokens and the row's stop tokens too, as sequences of
+        one: the batch's own stop tokens are shared by every row), or None where no row has
+        its own. mlx-lm takes them as its ``StopSequences`` automata, the reference as plain
+        lists."""
+        if not any(r.stop_sequences or r.stop_tokens for r in rows):
             return None
         module = importlib.import_module(self.api.BatchGenerator.__module__)
         automaton = getattr(module, "StopSequences", list)
-        return [automaton([[t] for t in ends] + [list(s) for s in r.stop_sequences]) for r in rows]
+        return [
+            automaton([[t] for t in [*ends, *r.stop_tokens]] + [list(s) for s in r.stop_sequences])
+            for r in rows
+        ]
 
     def batch_row_prompt(self, request: GenerateRequest) -> tuple[list[int], list | None, list]:
         """A batch row's prompt still to feed, the cache holding the rest (None: a fresh
