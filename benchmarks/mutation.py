@@ -123,7 +123,11 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_resumption.py",
     ),
     "conformance/profiles.py": ("tests/test_thresholds.py", "tests/test_conformance_comparator.py"),
-    "conformance/sampling/stats.py": ("tests/test_thresholds.py", *SAMPLER_STATS_FAST),
+    "conformance/sampling/stats.py": (
+        "tests/test_mutation_kills_sampling_stats.py",
+        "tests/test_thresholds.py",
+        *SAMPLER_STATS_FAST,
+    ),
     "conformance/checks/*": ("tests/test_conformance_catalogue.py", *SAMPLER_STATS_FAST),
     # test_snapshots.py also runs every model's golden snapshot (minutes): its comparison tests.
     "conformance/snapshots/compare.py": (
