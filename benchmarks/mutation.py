@@ -27,6 +27,7 @@ metric ``mutation_score`` (percent) per module as the workload, engine ``mutmut`
 
     python -m benchmarks.mutation                         # every module of MODULE_TESTS
     python -m benchmarks.mutation conformance/comparator.py
+    python -m benchmarks.mutation conformance/checks/sampling.py   # one file of a glob key
     python -m benchmarks.mutation --changed origin/main --budget 600
 """
 
@@ -128,7 +129,12 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_thresholds.py",
         *SAMPLER_STATS_FAST,
     ),
-    "conformance/checks/*": ("tests/test_conformance_catalogue.py", *SAMPLER_STATS_FAST),
+    # A glob key also serves each file it covers (``conformance/checks/sampling.py``).
+    "conformance/checks/*": (
+        "tests/test_mutation_kills_checks.py",
+        "tests/test_conformance_catalogue.py",
+        *SAMPLER_STATS_FAST,
+    ),
     # test_snapshots.py also runs every model's golden snapshot (minutes): its comparison tests.
     "conformance/snapshots/compare.py": (
         "tests/test_mutation_kills_snapshot_compare.py",
@@ -329,8 +335,9 @@ def score_module(
 ) -> ModuleScore:
     """Run mutmut on ``module`` in its scratch copy; stop after ``budget`` seconds.
     ``tests`` replaces the module's MODULE_TESTS (to measure a subset, say)."""
-    work = prepare(module, tests or MODULE_TESTS[module], WORK / slug(module))
-    result = ModuleScore(module, tests or MODULE_TESTS[module])
+    tests = tests or tests_for(module)
+    work = prepare(module, tests, WORK / slug(module))
+    result = ModuleScore(module, tests)
     start = time.monotonic()
     try:
         run = mutmut(work, "run", "--max-children", str(workers), timeout=budget)
@@ -386,6 +393,13 @@ def changed_modules(base: str) -> list[str]:
     ]
 
 
+def tests_for(module: str) -> tuple[str, ...] | None:
+    """The MODULE_TESTS entry of ``module``, or of the glob key that covers it."""
+    if module in MODULE_TESTS:
+        return MODULE_TESTS[module]
+    return next((t for key, t in MODULE_TESTS.items() if _matches(key, module)), None)
+
+
 def _matches(module: str, path: str) -> bool:
     if module.endswith("*"):
         return path.startswith(module[:-1]) and path.endswith(".py")
@@ -433,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("modules", nargs="*", help="modules (keys of MODULE_TESTS); default all")
+    parser.add_argument(
+        "modules",
+        nargs="*",
+        help="modules (keys of MODULE_TESTS, or files a glob key covers); default all",
+    )
     parser.add_argument(
         "--changed",
         metavar="BASE",
@@ -459,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    unknown = [m for m in args.modules if m not in MODULE_TESTS]
+    unknown = [m for m in args.modules if tests_for(m) is None]
     if unknown:
         parser.error(f"not in MODULE_TESTS: {', '.join(unknown)}; choose from {list(MODULE_TESTS)}")
     modules = args.modules or list(MODULE_TESTS)
@@ -474,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if left is not None and left < 30:
             print(f"{module}: skipped (time budget spent)")
             continue
-        tests = tuple(args.tests) if args.tests else MODULE_TESTS[module]
+        tests = tuple(args.tests) if args.tests else tests_for(module)
         print(f"{module}: mutating ({', '.join(tests)}) ...", flush=True)
         score = score_module(module, left, tests)
         # One `mutmut show` per survivor takes a second or more: not on borrowed time.

@@ -62,6 +62,18 @@ def test_changed_paths_select_modules(module, path, hit):
     assert mutation._matches(module, path) is hit
 
 
+def test_a_file_under_a_glob_key_runs_with_that_keys_tests():
+    checks = mutation.MODULE_TESTS["conformance/checks/*"]
+    assert mutation.tests_for("conformance/checks/sampling.py") == checks
+    assert mutation.tests_for("conformance/checks/*") == checks
+    assert mutation.tests_for("conformance/comparator.py") == (
+        mutation.MODULE_TESTS["conformance/comparator.py"]
+    )
+    assert mutation.tests_for("conformance/runner.py") is None
+    with pytest.raises(SystemExit):
+        mutation.main(["conformance/runner.py", "--no-history"])
+
+
 def test_the_scratch_copy_mutates_only_the_module_with_its_tests(tmp_path):
     tests = ("tests/test_thresholds.py",)
     work = mutation.prepare("conformance/profiles.py", tests, tmp_path / "w")
