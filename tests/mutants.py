@@ -752,6 +752,62 @@ class TopLogprobsCapped(Control):
         return super().generate_batch(BatchRequest(rows))
 
 
+class BatchSeedsIgnored(Control):
+    # vLLM #51226 "seed is ignored on CPU when another request in the batch has no seed":
+    # a batch whose generator is not seeded from its rows' seeds is not repeatable.
+    name = "mutant-batch-seed"
+    bug = "a batch samples from an unseeded generator: its rows' seeds are ignored"
+    caught_by = ("combo/batch+sampling",)
+
+    def generate_batch(self, request):
+        rows = [
+            replace(r, request=replace(r.request, sampler=replace(r.request.sampler, seed=None)))
+            for r in request.rows
+        ]
+        return super().generate_batch(BatchRequest(rows))
+
+
+class NonStreamingSeedOffset(Control):
+    # Two code paths that seed differently: here the non-streaming one derives its
+    # generator from seed + 1, so the same seeded request gives other tokens unstreamed.
+    name = "mutant-nonstream-seed"
+    bug = "a non-streamed request seeds its generator with seed + 1"
+    caught_by = ("combo/streaming+sampling",)
+
+    def generate(self, request):
+        seed = request.sampler.seed
+        if not request.stream and seed is not None:
+            request = replace(request, sampler=replace(request.sampler, seed=seed + 1))
+        yield from super().generate(request)
+
+
+class CachedRequestNotReseeded(Control):
+    # llama.cpp #1550 "--seed is ignored when loading session" (and #1439); cascadia #20:
+    # a reused pipeline "keeps advancing the per-request RNG" instead of reseeding.
+    name = "mutant-cache-seed"
+    bug = "a request that reuses a cached prompt is not reseeded: its seed is ignored"
+    caught_by = ("combo/prompt_cache+sampling",)
+
+    def generate(self, request):
+        if request.cache_key in self._caches:
+            request = replace(request, sampler=replace(request.sampler, seed=None))
+        yield from super().generate(request)
+
+
+class TopKSkippedWithProcessors(Control):
+    # Samplers with a separate path for requests with logits processors: here that path
+    # draws from the whole tempered distribution, without the top-k filter.
+    name = "mutant-top-k-processors"
+    bug = "with a logit bias or penalties active, the top-k filter is skipped"
+    caught_by = ("combo/penalties+sampling",)
+
+    def generation_kwargs(self, request):
+        kwargs = super().generation_kwargs(request)
+        if request.processors.active and not request.sampler.greedy:
+            kwargs["sampler"] = self.sampler(replace(request.sampler, top_k=0))
+        return kwargs
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -849,4 +905,8 @@ MUTANTS = [
     BatchStopTokensShared,
     BatchPrefillTokenUncounted,
     TopLogprobsCapped,
+    BatchSeedsIgnored,
+    NonStreamingSeedOffset,
+    CachedRequestNotReseeded,
+    TopKSkippedWithProcessors,
 ]

@@ -34,13 +34,17 @@ MLX_LM_KNOWN_DEVIATIONS = {
     # RotatingKVCache's multi-token update masks a chunk with a plain window of
     # max_size over the concatenated keys: sinks fall out of view and one extra
     # recent position is visible, so chunked prefill beyond the window differs. Every
-    # combination with the 8-position window and the 13-token prompt meets it.
+    # combination with the 8-position window and the 13-token prompt that decodes past
+    # its first token meets it (max_tokens_one does not).
     "sliding_window/long_prompt": "logprob",
     "combo/streaming+sliding_window": "window",
     "combo/sliding_window+penalties": "window",
     "combo/sliding_window+stop_sequence": "window",
     "combo/sliding_window+prefill_chunking": "window",
     "combo/sliding_window+embeddings": "window",
+    "combo/sliding_window+stop_token": "window",
+    "combo/sliding_window+top_logprobs": "window",
+    "combo/sliding_window+sampling": "window",
     # BatchRotatingKVCache keeps no sink positions (keep is ignored in batches).
     "combo/batch+sliding_window": "batch window",
     # speculative_generate_step's logits processors see the generated tokens only

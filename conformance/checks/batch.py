@@ -7,6 +7,11 @@ for the prompt's first ``cache_prefix`` tokens warmed beforehand; it is then
 judged against its run from scratch), or, with
 ``params.haystack``, the case's request is a needle placed at a seeded random
 position among random prompts of random lengths, and only its row is judged.
+
+A sampled row is not compared with its run alone: like mlx-lm's, a batch may draw every
+row from one random generator, seeded once (PROTOCOL.md S4). The whole batch is run again
+instead, and each sampled row must repeat its tokens (same seeds, same batch, same tokens);
+against the reference, its tokens are judged on its own path (``sampled.py``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,28 @@ def run(ctx: CaseContext) -> None:
     ctx.primary_reference(replace(ctx.request(), cache_key=None))
     _warm_caches(ctx, rows)
     traces = ctx.run_batch(batch)
+    sampled = any(not row.request.sampler.greedy for row in rows)
+    again = ctx.run_batch(batch) if sampled else None
     name = ctx.engine_name
     for i in judged:
         request = replace(rows[i].request, cache_key=None)  # alone and reference: from scratch
-        alone = ctx.run(request, f"row {i} alone")
-        ctx.compare(
-            f"row {i} in batch vs alone", alone, traces[i], f"{name} alone", f"{name} batch row {i}"
-        )
+        if again is not None and not request.sampler.greedy:
+            ctx.compare(
+                f"row {i}, the batch again",
+                traces[i],
+                again[i],
+                f"{name} batch row {i}",
+                f"{name} batch again, row {i}",
+            )
+        else:
+            alone = ctx.run(request, f"row {i} alone")
+            ctx.compare(
+                f"row {i} in batch vs alone",
+                alone,
+                traces[i],
+                f"{name} alone",
+                f"{name} batch row {i}",
+            )
         ctx.compare(
             f"row {i} in batch vs reference",
             ctx.reference(request),

@@ -21,8 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from conformance.catalogue import Case, build_request, check_expectations
-from conformance.comparator import FAIL, Comparison, Diagnostic, Resume, compare_traces
+import numpy as np
+
+from conformance.catalogue import Case, CatalogueError, build_request, check_expectations
+from conformance.checks.sampled import SHOWN_PROBLEMS, judge_sampled_path
+from conformance.comparator import (
+    FAIL,
+    NEAR_TIE,
+    PASS,
+    Comparison,
+    Diagnostic,
+    Resume,
+    compare_traces,
+)
 from conformance.conditioning import Conditioning, conditioning_of
 from conformance.oracle import Oracle
 from conformance.profiles import PrecisionProfile
@@ -31,6 +42,7 @@ from engines.protocol import (
     BatchRequest,
     GenerateRequest,
     ProtocolError,
+    SamplerSettings,
     ScoreRequest,
     Trace,
     Unsupported,
@@ -66,6 +78,9 @@ class CaseContext:
         # (the oracle keeps its answers, so identities stay valid): compare() needs it
         # to score the engine's own continuation after a near-tie.
         self._answered: dict[int, GenerateRequest] = {}
+        # The engine's answers to sampled requests, by identity (kept alive here): between
+        # two of them a near-tie is no excuse, the same seed must give the same tokens.
+        self._sampled: dict[int, Trace] = {}
         self.checks_text = bool(case.params.get("check_text")) or case.kind == "stream"
 
     @property
@@ -150,6 +165,8 @@ class CaseContext:
             raise ProtocolError(f"{self.engine_name}{_for(label)}: {error}") from None
         if self.checks_text:
             self.check_text(trace, set(sent.stop_tokens), label)
+        if not sent.sampler.greedy:
+            self._sampled[id(trace)] = trace
         return trace
 
     def check_text(self, trace: Trace, stop_tokens: set[int], label: str) -> None:
@@ -192,6 +209,8 @@ class CaseContext:
                 raise ProtocolError(f"{self.engine_name}, batch row {i}: {error}") from None
             if self.checks_text:
                 self.check_text(trace, set(row.request.stop_tokens), f"batch row {i}")
+            if not row.request.sampler.greedy:
+                self._sampled[id(trace)] = trace
             traces.append(trace)
         return traces
 
@@ -238,8 +257,15 @@ class CaseContext:
         actual: Trace,
         expected_label: str = "reference",
         actual_label: str | None = None,
-    ) -> Comparison:
+    ) -> Comparison | None:
+        """``actual`` against ``expected``, recorded as a finding. A reference answer to a
+        sampled request is not compared token by token: the engine's own path is judged
+        against the settings and the reference's logprobs (``sampled.py``); None then."""
         actual_label = actual_label or self.engine_name
+        asked = self._answered.get(id(expected))
+        if asked is not None and not asked.sampler.greedy:
+            self.judge_sampled(check, asked, actual, actual_label)
+            return None
         result = compare_traces(
             expected,
             actual,
@@ -250,6 +276,12 @@ class CaseContext:
             token_text=self.oracle.token_text,
             resume=self.resumption(expected),
         )
+        if result.verdict == NEAR_TIE and id(expected) in self._sampled:
+            result = replace(
+                result,
+                verdict=FAIL,
+                summary=f"FAIL: the same seed gave other tokens ({result.summary})",
+            )
         self.findings.append(
             Finding(
                 check=check,
@@ -262,6 +294,39 @@ class CaseContext:
             )
         )
         return result
+
+    def judge_sampled(self, check: str, request: GenerateRequest, trace: Trace, label: str):
+        """The engine's sampled ``trace`` judged on its own path (``sampled.py``)."""
+        if request.prompt_embeddings is not None:
+            raise CatalogueError(f"{self.case.id}: a sampled path is judged on token ids")
+        single = replace(
+            request,
+            sampler=SamplerSettings(),
+            max_tokens=1,
+            draft=None,
+            cache_key=None,
+            stop_tokens=[],
+            stop_sequences=[],
+        )
+
+        def logprobs_after(tokens: list[int]) -> np.ndarray:
+            asked = replace(single, prompt=list(request.prompt) + list(tokens))
+            answer = self.reference(asked, top=self.oracle.vocab_size)
+            vector = np.full(self.oracle.vocab_size, -np.inf)
+            for token, logprob in answer.events[0].top_logprobs or []:
+                vector[token] = logprob
+            return vector
+
+        problems = judge_sampled_path(
+            trace, request.sampler, logprobs_after, self.profile, self.oracle.token_text
+        )
+        scope = f"{len(trace)} sampled tokens of {label} on its own path"
+        if not problems:
+            self.add(check, PASS, f"pass: {scope}: each allowed by the settings, logprobs agree")
+            return
+        summary = f"FAIL: {len(problems)} of {scope}: {problems[0].problem}"
+        shown = [f"  {p.problem}" for p in problems[:SHOWN_PROBLEMS]]
+        self.fail(check, summary, "\n".join([summary, *shown]))
 
     def add(self, check: str, verdict: str, summary: str, details: str = "") -> None:
         self.findings.append(Finding(check, verdict, summary, details or summary))

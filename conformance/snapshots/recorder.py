@@ -262,9 +262,13 @@ def record_case(
 
 
 def judges_engine_chosen_prefixes(case: Case) -> bool:
-    """A distribution case over generations longer than one token (speculative sampling)."""
+    """A distribution case over generations longer than one token (speculative sampling),
+    or a sampled case of another kind (the ``sampling`` combinations: each token judged at
+    the prefix the engine's own draws reached)."""
     max_tokens = case.request.get("max_tokens", GenerateRequest().max_tokens)
-    return case.kind == "distribution" and int(max_tokens) > 1
+    if case.kind == "distribution":
+        return int(max_tokens) > 1
+    return case.kind != "seed" and float(case.request.get("sampler", {}).get("temp", 0)) > 0
 
 
 def record_group(
