@@ -808,6 +808,17 @@ class TopKSkippedWithProcessors(Control):
         return kwargs
 
 
+class MinTokensToKeepIgnored(Control):
+    # oobabooga textgen #4449 (min-p: "the min_tokens_to_keep is not being properly followed
+    # here"); llama.cpp #3841's review of min_keep in the min-p sampler.
+    name = "mutant-min-tokens-to-keep"
+    bug = "min-p ignores min_tokens_to_keep: it may keep a single token"
+    caught_by = ("sampling/min_tokens_to_keep",)
+
+    def sampler(self, s: SamplerSettings):
+        return super().sampler(replace(s, min_tokens_to_keep=1))
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -909,4 +920,5 @@ MUTANTS = [
     NonStreamingSeedOffset,
     CachedRequestNotReseeded,
     TopKSkippedWithProcessors,
+    MinTokensToKeepIgnored,
 ]
