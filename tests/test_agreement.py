@@ -328,8 +328,21 @@ def test_an_engine_without_the_top_logprobs_asked_for_is_a_finding(tmp_path, cap
 @pytest.mark.parametrize(
     "options, named",
     [
-        (["--top", "1"], "--top 1"),
-        (["--positions", "0"], "--positions 0"),
+        (["--top", "1"], "argument --top: expected a whole number in [2, 1000], got '1'"),
+        (["--positions", "0"], "argument --positions: expected a whole number in [1, "),
+    ],
+)
+def test_a_bad_number_is_refused_by_the_parser_naming_it_and_exit_2(options, named, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["agree", "--engine", "reference", "--no-history", *options])
+    _, err = capsys.readouterr()
+    assert stopped.value.code == 2
+    assert named in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
         (["--model", "nosuch"], "--model 'nosuch'"),
         (["--profile", "fp8"], "--profile"),
         (["--engine", "nosuch"], "--engine nosuch"),
