@@ -69,7 +69,9 @@ class RankedToken:
 class Diagnostic:
     """Where and how two traces differ, with everything a human needs to judge it."""
 
-    kind: str  # "token", "logprob", "length" or "finish_reason"
+    # "token", "logprob", "length", "finish_reason", or "agreement" (``checks/agreement.py``:
+    # the worst position of a text, ``step`` counting the token predicted)
+    kind: str
     step: int
     context: str  # decoded text of the matched tokens just before ``step``
     expected_token: int | None = None
