@@ -6,6 +6,7 @@ small hand-made distributions whose expected values follow from the definitions.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -387,11 +388,16 @@ def test_a_simulated_p_value_above_alpha_passes_and_shows_both():
     assert result.asymptotic_p_value == pytest.approx(0.003161, rel=1e-3)
     assert result.p_value != result.asymptotic_p_value and result.p_value > 0.001
     assert verdict.passed
-    assert verdict.diagnostic == (
-        f"pass: worst context coin: chi-square 8.7 on 1 df over 2000 draws, p = "
-        f"{result.p_value:.3g} by simulation (chi-square approximation: 0.00316); "
-        f"Holm-adjusted over 1 tests: {result.p_value:.3g}, against the family-wise "
-        "significance threshold 0.001"
+    # The fit's own diagnostic says pass too, and lists no cells (they are for failures).
+    assert (
+        verdict.fit_diagnostic
+        == verdict.diagnostic
+        == (
+            f"pass: worst context coin: chi-square 8.7 on 1 df over 2000 draws, p = "
+            f"{result.p_value:.3g} by simulation (chi-square approximation: 0.00316); "
+            f"Holm-adjusted over 1 tests: {result.p_value:.3g}, against the family-wise "
+            "significance threshold 0.001"
+        )
     )
 
 
@@ -423,12 +429,8 @@ def test_contexts_without_a_fit_only_get_the_support_check():
     skipped = ContextDraws("few", np.array([0.5, 0.5]), [0] * 30, fit=False)
     verdict = judge([skipped])
     [result] = verdict.results
-    assert (result.tested, result.dof, result.p_value, result.adjusted_p_value) == (
-        False,
-        0,
-        1.0,
-        1.0,
-    )
+    assert (result.tested, result.statistic, result.dof, result.p_value) == (False, 0.0, 0, 1.0)
+    assert (result.asymptotic_p_value, result.adjusted_p_value) == (1.0, 1.0)
     assert verdict.passed and verdict.p_values == {} and verdict.adjusted_p_values == {}
 
 
@@ -456,3 +458,49 @@ def test_the_family_size_sets_the_simulations_and_the_holm_factor():
     assert verdict.p_values == {"x": 1 / (b + 1), "y": 1 / (b + 1)}
     assert verdict.adjusted_p_values == {"x": 2 / (b + 1), "y": 2 / (b + 1)}
     assert "Holm-adjusted over 2 tests" in verdict.diagnostic
+
+
+def test_the_fit_diagnostic_leaves_out_the_support_violations_of_its_context():
+    # One context with stray draws whose fit also fails: the diagnostic is about the
+    # stray draws, the fit diagnostic about the fit of the very same context.
+    context = fail_context()
+    context.probabilities = np.array([0.5, 0.3, 0.2, 0.0])
+    context.draws = [*context.draws, 3]
+    verdict = judge([context])
+    assert verdict.diagnostic.startswith("support violation (a correct sampler never draws")
+    assert verdict.fit_diagnostic.startswith("FAIL: worst context ctx: chi-square 40.8 on 2 df")
+
+
+def test_a_disabled_top_p_is_not_nudged():
+    # top_p 1 keeps everything; nudged to 0.999 it would drop token 2 (0.9995 above it).
+    logprobs = np.log([0.6, 0.3995, 0.0005])
+    assert support_is_stable(logprobs, sampled(top_p=1.0))
+    assert support(logprobs, top_p=1.0) == {0, 1, 2}
+    assert support(logprobs, top_p=0.999) == {0, 1}
+
+
+def test_every_active_filter_is_nudged():
+    # top_p at a threshold (unstable) with a stable min_p: still unstable.
+    settings = sampled(top_p=0.4995, min_p=0.01)
+    assert not support_is_stable(np.log([0.5, 0.3, 0.2]), settings)
+    assert support_is_stable(np.log([0.5, 0.3, 0.2]), replace(settings, top_p=0.4985))
+
+
+def test_a_near_tie_for_the_top_token_makes_top_k_1_unstable():
+    logprobs = np.array([-0.5, -0.5 - 1e-4, -3.0])
+    assert not support_is_stable(logprobs, sampled(top_k=1))
+    assert support_is_stable(np.array([-0.5, -0.6, -3.0]), sampled(top_k=1))
+
+
+def test_a_logprob_row_of_shape_one_by_vocabulary_is_flattened():
+    logprobs = np.array([[-0.5, -1.0, -1.0 - 1e-4, -4.0]])
+    assert not support_is_stable(logprobs, sampled(top_k=2))
+    assert support_is_stable(logprobs, sampled(top_k=3))
+
+
+def test_float32_probabilities_are_normalised_in_float64():
+    p32 = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    fit = chi_square_fit([(p32, [0] * 10 + [1] * 20 + [2] * 30)])
+    expected = 60 * (p32.astype(np.float64) / np.sum(p32))
+    assert [c.expected for c in fit.cells] == expected[::-1].tolist()
+    assert expected.tolist() != (60 * (p32 / np.sum(p32))).astype(np.float64).tolist()
