@@ -218,3 +218,28 @@ def test_without_openblas_one_notice_and_the_exact_path(code, env, reason):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and reason in lines[0] and "reference BLAS" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "engines.adapters.reference",
+        "engines.adapters.mlx_style",
+        "engines.adapters.mlx_lm",
+        "conformance.examples.jsonl_engine",
+        "conformance.pytest_plugin",
+        "lmconform.cli",
+    ],
+)
+def test_openblas_serves_a_process_whichever_module_it_imports_first(module):
+    """A process whose first import is an adapter, the plugin or the CLI still gets the
+    fast path: mlx.core imported before the reference would leave MLX's slow BLAS."""
+    script = (
+        f"import {module}\n"
+        "from reference import blas\n"
+        "assert blas.install().optimized, blas.install().reason\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -35,9 +35,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import mlx.core as mx
-
+# The reference before mlx.core: it binds OpenBLAS under MLX's matmuls (reference/blas.py).
+# isort: off
 import reference
+import mlx.core as mx
+# isort: on
 from engines.adapters.reference import ReferenceEngine
 from engines.jsonl_protocol import (
     TIMING,

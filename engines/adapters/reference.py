@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+# The reference first: it binds OpenBLAS under MLX's float32 matmuls, which only works
+# before mlx.core is loaded (reference/blas.py); this adapter may be a process's first import.
+# isort: off
+import reference
 import mlx.core as mx
+# isort: on
 import numpy as np
 
-import reference
 from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
 
 
