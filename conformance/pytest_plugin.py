@@ -67,14 +67,64 @@ def pytest_addoption(parser) -> None:
         "outputs; no MLX needed) or a folder written by `lmconform snapshot`",
     )
     group.addoption(
-        OPTION_TIMEOUT, type=float, default=DEFAULT_CASE_TIMEOUT_S, help="time limit per conformance case (s)"
+        OPTION_TIMEOUT,
+        type=_seconds,
+        default=DEFAULT_CASE_TIMEOUT_S,
+        help="time limit per conformance case (s)",
     )
+
+
+def _seconds(text: str) -> float:
+    from engines.inputs import arg_type, seconds  # imported on use: the plugin loads everywhere
+
+    return arg_type(seconds)(text)
 
 
 def pytest_configure(config) -> None:
     if config.getoption(OPTION_ENGINE) is None:
         return
+    problem = _bad_option(config)
+    if problem:
+        raise pytest.UsageError(f"lmconform: {problem}")
     config.pluginmanager.register(NearTies(), "lmconform-near-ties")
+
+
+def _bad_option(config) -> str | None:
+    """The first unusable option or LMCONFORM_* variable, as ``lmconform check`` words it;
+    None when all are usable. A typo must stop the session, not skip or deselect its tests.
+    A built-in peer that is not installed is not a typo: its tests skip with the reason."""
+    from conformance.catalogue import load_cases, select_cases
+    from conformance.cli.options import (
+        InputError,
+        case_patterns,
+        check_engines,
+        check_models,
+        check_profile,
+    )
+    from engines.inputs import distinct, environment_problems
+    from engines.registry import BUILTIN_ENGINES, missing_requirements
+
+    problems = environment_problems()
+    if problems:
+        return problems[0]
+    engines = config.getoption(OPTION_ENGINE)
+    installed = [e for e in engines if e not in BUILTIN_ENGINES or not missing_requirements(e)]
+    catalogue = load_cases()
+    known = sorted({m for case in catalogue for m in case.models})
+    against = config.getoption(OPTION_AGAINST)
+    try:
+        distinct("--engine", engines)
+        check_engines(installed)
+        models = check_models(config.getoption(OPTION_MODEL) or list(DEFAULT_MODELS), known)
+        for pattern in case_patterns(config.getoption(OPTION_CASES)) or []:
+            if not any(select_cases(catalogue, m, pattern) for m in models):
+                return f"{OPTION_CASES}: {pattern!r} matches no case on {', '.join(models)}"
+        check_profile(config.getoption(OPTION_PROFILE))
+    except (InputError, ValueError) as error:
+        return str(error).replace("--", "--lmconform-", 1)
+    if against not in ("reference", "snapshots") and not Path(against).is_dir():
+        return f"{OPTION_AGAINST} {against!r} is neither 'reference', 'snapshots' nor a folder"
+    return None
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -219,6 +219,16 @@ class Parser(argparse.ArgumentParser):
         self.register("action", None, StoreOnce)
         self.register("action", "store", StoreOnce)
 
+    def _check_value(self, action, value):
+        """argparse's "invalid choice" with the closest choice named."""
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
+                f"(choose from {choices})",
+            )
+
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
         parsed.__dict__.pop("_given_options", None)

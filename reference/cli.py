@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load(args.model, fast=not args.exact)
         draft = load(args.draft_model, fast=not args.exact)[0] if args.draft_model else None
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"lmconform generate: error: {error}", file=sys.stderr)
         return 2
     if args.prompt is None:
         message = args.chat or "What is the capital of France?"
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_sampler(sampler, model)
     except ValueError as error:  # settings that do not fit this model (top-k >= vocabulary)
-        print(f"error: --top-k: {error}", file=sys.stderr)
+        print(f"lmconform generate: error: --top-k: {error}", file=sys.stderr)
         return 2
     drafted = args.num_draft_tokens or 2
     extra = {"draft_model": draft, "num_draft_tokens": drafted} if draft else {}

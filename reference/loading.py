@@ -18,6 +18,7 @@ of the family that the config's ``model_type`` names (``models.FAMILIES``).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -126,8 +127,10 @@ def resolve_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
         return folder_checkpoint(path)
     if HUB_ID.match(source) and not path.exists():
         return folder_checkpoint(hub_snapshot(source, revision))
+    close = difflib.get_close_matches(source, BUILTIN_MODELS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
-        f"unknown model {source!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+        f"unknown model {source!r}{hint}: not a built-in model ({', '.join(BUILTIN_MODELS)}), "
         "a .gguf file, a model folder, or a Hugging Face Hub id 'org/name'"
     )
 
