@@ -53,6 +53,7 @@ KINDS = (
     "distribution",
     "score",
     "agreement",
+    "request_validation",
 )
 CASE_KEYS = {"id", "kind", "models", "about", "request", "expect", "params"}
 ROLES = ("check", "shape", "invariant")

@@ -205,5 +205,61 @@ class Unsupported(Exception):
     """Raised by an adapter for a request it cannot express (the case becomes 'unsupported')."""
 
 
+class BadRequest(ValueError):
+    """Raised by an adapter for a request that cannot be valid (PROTOCOL.md S6; over JSON
+    lines, an ``error`` of kind ``bad_request``). A ``ValueError``, as Python engines
+    usually refuse such arguments."""
+
+
+def request_problem(request: GenerateRequest, vocab_size: int) -> str | None:
+    """Why ``request`` cannot be valid on a model of ``vocab_size`` tokens (S6), or None."""
+    s = request.sampler
+    tokens = [
+        *request.prompt,
+        *request.stop_tokens,
+        *(t for sequence in request.stop_sequences for t in sequence),
+        *request.processors.logit_bias,
+    ]
+    outside = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    embeddings = request.prompt_embeddings
+    checks = [
+        (request.max_tokens < 1, f"max_tokens must be at least 1, got {request.max_tokens}"),
+        (not request.prompt and embeddings is None, "the prompt is empty"),
+        (
+            bool(request.prompt)
+            and embeddings is not None
+            and len(embeddings) != len(request.prompt),
+            "prompt and prompt_embeddings differ in length",
+        ),
+        (outside is not None, f"token {outside} is outside the vocabulary [0, {vocab_size})"),
+        (any(not seq for seq in request.stop_sequences), "an empty stop sequence"),
+        (s.temp < 0, f"temp must not be negative, got {s.temp}"),
+        (not 0 <= s.top_p <= 1, f"top_p must lie in [0, 1], got {s.top_p}"),
+        (not 0 <= s.min_p <= 1, f"min_p must lie in [0, 1], got {s.min_p}"),
+        (s.top_k < 0, f"top_k must not be negative, got {s.top_k}"),
+        (
+            s.min_tokens_to_keep < 1,
+            f"min_tokens_to_keep must be at least 1, got {s.min_tokens_to_keep}",
+        ),
+        (
+            request.top_logprobs < 0,
+            f"top_logprobs must not be negative, got {request.top_logprobs}",
+        ),
+        (
+            request.prefill_step_size is not None and request.prefill_step_size < 1,
+            f"prefill_step_size must be at least 1, got {request.prefill_step_size}",
+        ),
+        (
+            request.max_kv_size is not None and request.max_kv_size < 1,
+            f"max_kv_size must be at least 1, got {request.max_kv_size}",
+        ),
+        (
+            request.draft is not None and request.draft.num_draft_tokens < 1,
+            "num_draft_tokens must be at least 1",
+        ),
+    ]
+    return next((why for broken, why in checks if broken), None)
+
+
 class ProtocolError(Exception):
     """An engine's answer (or a message) breaks the protocol."""

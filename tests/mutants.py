@@ -19,8 +19,10 @@ the edge of a rule (the last allowed step, a stop token inside a draft block).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from functools import cache
+from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
@@ -30,6 +32,7 @@ from sampler_mutants import SAMPLER_MUTANTS
 import reference
 from engines.adapters import mlx_style
 from engines.adapters.base import event_from_logprobs
+from engines.adapters.cmd import CmdEngine
 from engines.adapters.reference import ReferenceEngine
 from engines.protocol import (
     BatchRequest,
@@ -819,6 +822,29 @@ class MinTokensToKeepIgnored(Control):
         return super().sampler(replace(s, min_tokens_to_keep=1))
 
 
+class InvalidRequestsServed(Control):
+    # transformers #24453 ("min_tokens_to_keep has to be >= 1": invalid values ran into
+    # numerical exceptions instead of being refused). The adapter checks nothing; what the
+    # reference's own generate refuses (max_tokens 0, a prompt outside the vocabulary, top_p
+    # 1.5) is still refused, the rest is served.
+    name = "mutant-no-validation"
+    bug = "a stop token outside the vocabulary, an empty stop sequence, top_logprobs -1 are served"
+    caught_by = ("validation/invalid_requests",)
+
+    def refuse_invalid(self, request) -> None:
+        pass
+
+
+class UnknownFieldsIgnored(
+    CmdEngine.bind(f"{sys.executable} {Path(__file__).with_name('lenient_jsonl_engine.py')}")
+):
+    # OpenAI-compatible servers that drop unknown parameters (a misspelt "temperature"
+    # then silently means greedy decoding): llama.cpp's server, Ollama's options.
+    name = "mutant-unknown-field"
+    bug = "an engine over JSON lines drops a field the protocol does not define"
+    caught_by = ("validation/invalid_requests",)
+
+
 class NoisyLogits(Control):
     """Not a mutant: a *correct* engine whose arithmetic differs from the reference's.
 
@@ -921,4 +947,6 @@ MUTANTS = [
     CachedRequestNotReseeded,
     TopKSkippedWithProcessors,
     MinTokensToKeepIgnored,
+    InvalidRequestsServed,
+    UnknownFieldsIgnored,
 ]

@@ -19,6 +19,7 @@ from mutants import MUTANTS, Control
 from conformance.catalogue import build_request, load_cases, select_cases
 from conformance.comparator import PASS, compare_traces
 from conformance.runner import FAIL, run_case, run_cases
+from engines.adapters.cmd import CmdEngine
 from engines.models import ModelSource
 from engines.protocol import Trace
 
@@ -50,7 +51,21 @@ MLX_LM_KNOWN_DEVIATIONS = {
     # speculative_generate_step's logits processors see the generated tokens only
     # (prev_tokens starts empty), so penalties ignore the prompt under speculation.
     "combo/penalties+speculative": "penalty history",
+    # mlx-lm refuses max_tokens 0 and an empty prompt itself, but nothing refuses a stop
+    # token outside the vocabulary, an empty stop sequence or top_logprobs -1 (the adapter
+    # passes them on unchecked), and its sampler draws with top_p 1.5 and a negative
+    # temperature (which inverts the distribution). Its embedding lookup crashes the process
+    # on a prompt token outside the vocabulary, so that probe goes to cmd: engines only.
+    "validation/invalid_requests": "accepted",
 }
+# The requests of validation/invalid_requests mlx-lm serves instead of refusing.
+MLX_LM_SERVES = [
+    "stop_tokens=[1000000]",
+    "stop_sequences=[[]]",
+    "top_logprobs=-1",
+    'sampler={"temp":1.0,"top_p":1.5}',
+    'sampler={"temp":-0.5}',
+]
 
 
 # The finding that must fail, where a case makes several: a sampler bug must be caught
@@ -90,6 +105,8 @@ def test_every_mutant_is_caught_by_the_case_that_names_its_bug(mutant):
             assert check in failed and words in failed[check], failed
             if check == "frequencies":  # a reweighted support is not a support violation
                 assert "support" not in failed, failed
+    if isinstance(engine, CmdEngine):
+        engine.close()  # its own process (a lenient JSON-lines server)
 
 
 def test_the_unbroken_wrapper_passes_the_whole_dummy_catalogue():
@@ -123,6 +140,9 @@ def test_mlx_lm_passes_everything_but_its_known_deviations():
     )
     (window,) = failed["sliding_window/long_prompt"].failures()
     assert window.diagnostic.kind in ("logprob", "token")
+    served = failed["validation/invalid_requests"].failures()
+    assert [f.check for f in served] == MLX_LM_SERVES
+    assert all("accepted it silently" in f.summary for f in served)
 
 
 @pytest.mark.peer

@@ -8,6 +8,8 @@
 - sampling.py      seeds repeat; draws fit the implied distribution
 - scoring.py       teacher-forced logprobs == reference's
 - agreement.py     teacher-forced distributions over a shipped text within the profile's limits
+- validation.py    invalid requests refused as bad requests (S6)
+- sampled.py       a seeded sampled answer judged on its own path (used by context.py)
 - context.py       what every check works with (running, validating, comparing)
 """
 
@@ -22,6 +24,7 @@ from conformance.checks import (
     sampling,
     scoring,
     stream,
+    validation,
 )
 
 CHECKS = {
@@ -34,4 +37,5 @@ CHECKS = {
     "distribution": sampling.run_distribution,
     "score": scoring.run,
     "agreement": agreement.run,
+    "request_validation": validation.run,
 }

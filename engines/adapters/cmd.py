@@ -60,6 +60,7 @@ from engines.jsonl_protocol import (
 )
 from engines.models import FORMATS, ModelSource, ModelUnavailable, resolve
 from engines.protocol import (
+    BadRequest,
     BatchRequest,
     GenerateRequest,
     ProtocolError,
@@ -77,6 +78,10 @@ SETTLE_S = 0.05  # how long a finished case waits for stray output from the engi
 
 class EngineError(EngineFailure):
     """The engine answered with an ``error`` message (other than "unsupported")."""
+
+
+class EngineBadRequest(EngineError, BadRequest):
+    """The engine answered with an ``error`` of kind ``bad_request`` (S6)."""
 
 
 def _setting(name: str, default: float) -> float:
@@ -386,7 +391,8 @@ class CmdEngine(Engine):
                 raise self._violation(process, f"an error for request {message.id!r}")
             if error.kind == "unsupported":
                 raise Unsupported(f"{self.name}: {error.message}")
-            raise EngineError(
+            failure = EngineBadRequest if error.kind == "bad_request" else EngineError
+            raise failure(
                 f"the engine answered {waiting_for} with an error ({error.kind}): "
                 f"{error.message}{process.stderr_report(final=False)}"
             )

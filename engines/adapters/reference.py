@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from engines.adapters.mlx_style import ALL_BUT_BATCH, MlxStyleEngine
+from engines.protocol import BadRequest, request_problem
 
 
 class ReferenceEngine(MlxStyleEngine):
@@ -39,6 +40,21 @@ class ReferenceEngine(MlxStyleEngine):
 
     def load(self, source):
         return reference.load(source.name)
+
+    def generate(self, request):
+        self.refuse_invalid(request)
+        yield from super().generate(request)
+
+    def generate_batch(self, request):
+        for row in request.rows:
+            self.refuse_invalid(row.request)
+        return super().generate_batch(request)
+
+    def refuse_invalid(self, request) -> None:
+        """PROTOCOL.md S6: an invalid request is refused, never served in some way."""
+        problem = request_problem(request, self.vocab_size)
+        if problem is not None:
+            raise BadRequest(problem)
 
     def load_draft(self, name: str):
         return reference.load(name)[0]
