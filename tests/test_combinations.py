@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import tomllib
 
+import numpy as np
 import pytest
-from conformance_helpers import dummy_oracle
+from conformance_helpers import dummy_oracle, make_trace
 
 from conformance.catalogue import (
     CASES_FILE,
@@ -15,6 +16,9 @@ from conformance.catalogue import (
     combination_cases,
     load_cases,
 )
+from conformance.checks.sampled import judge_sampled_path
+from conformance.profiles import PROFILES
+from engines.protocol import SamplerSettings
 
 
 def spec():
@@ -94,3 +98,43 @@ def test_malformed_combinations_are_refused():
     asked_excluded = {**data, "model": [{"name": "dummy", "pairs": [["batch", "streaming"]]}]}
     with pytest.raises(CatalogueError, match="excluded"):
         combination_cases(asked_excluded)
+
+
+def test_the_edge_variants_enter_every_row_and_request():
+    cases = combos("dummy")
+    batch_one = cases["combo/batch+max_tokens_one"]
+    assert {row["max_tokens"] for row in batch_one.params["rows"]} == {1}
+    # Each row stops at its own reference token: the stop tokens differ per row.
+    oracle = dummy_oracle()
+    rows = [build_request(r, oracle) for r in cases["combo/batch+stop_token"].params["rows"]]
+    assert len({tuple(r.stop_tokens) for r in rows}) == len(rows)
+    assert cases["combo/streaming+top_logprobs"].request["top_logprobs"] > 5
+    sampled = cases["combo/batch+sampling"]
+    assert all(row["sampler"]["seed"] is not None for row in sampled.params["rows"])
+    # A one-token answer has no step 2 for the stop variants to refer to.
+    assert "combo/max_tokens_one+stop_token" not in cases
+    assert "combo/stop_sequence+max_tokens_one" not in cases
+    assert "combo/sampling+speculative" not in cases
+
+
+def test_a_sampled_path_is_judged_at_each_prefix():
+    # Three tokens; after the prefix [0] the reference prefers token 2, elsewhere token 0.
+    def logprobs_after(prefix):
+        order = [2, 1, 0] if prefix[-1:] == [0] else [0, 1, 2]
+        vector = np.full(3, -np.inf)
+        vector[order] = np.log([0.6, 0.3, 0.1])
+        return vector
+
+    settings = SamplerSettings(temp=1.0, top_k=2)
+    profile = PROFILES["fp32"]
+    allowed = make_trace([0, 1], logprobs=[np.log(0.6), np.log(0.3)])
+    assert judge_sampled_path(allowed, settings, logprobs_after, profile) == []
+    # Token 0 after [0] is the reference's third: top_k 2 excludes it there, not at step 0.
+    (excluded,) = judge_sampled_path(
+        make_trace([0, 0], logprobs=[np.log(0.6), np.log(0.1)]), settings, logprobs_after, profile
+    )
+    assert excluded.step == 1 and "not among the 2 tokens" in excluded.problem
+    (wrong,) = judge_sampled_path(
+        make_trace([0, 1], logprobs=[np.log(0.6), np.log(0.5)]), settings, logprobs_after, profile
+    )
+    assert wrong.step == 1 and "logprob" in wrong.problem

@@ -17,7 +17,7 @@ from conformance.catalogue import (
 )
 from conformance.checks import CHECKS
 from engines.models import BUILTIN_MODELS, FAMILY_MODELS
-from engines.protocol import CAPABILITIES
+from engines.protocol import CAPABILITIES, request_problem
 
 
 class FakeOracle:
@@ -188,3 +188,17 @@ def test_every_smollm2_case_builds_with_the_real_tokenizer(loaded_models):
     ).processors.logit_bias
     # DESIGN.md: the greedy reply is [504 "The", 3575, 282, 4649, 314, 7042 " Paris", 30, 2].
     assert bias == {7042: -100.0, 504: 3.0}
+
+
+def test_every_request_the_validation_case_sends_is_invalid_and_its_base_is_valid():
+    oracle = FakeOracle()
+    case = next(c for c in load_cases() if c.kind == "request_validation")
+    vocab = 260  # the dummy's
+    assert request_problem(build_request(case.request, oracle), vocab) is None
+    probes = case.params["invalid"] + case.params["process_only"]
+    for overrides in probes:
+        request = build_request(case.request, oracle, **overrides)
+        assert request_problem(request, vocab) is not None, overrides
+    # One probe for each way the data can break the rule, not the same one twice.
+    problems = [request_problem(build_request(case.request, oracle, **o), vocab) for o in probes]
+    assert len({p.split(" ")[0] for p in problems}) >= 6
