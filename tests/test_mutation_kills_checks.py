@@ -1304,3 +1304,80 @@ def test_the_rules_that_exclude_a_token_are_named():
     assert sampling._excluded_by(["top_k"]) == "excluded by top_k"
     assert sampling._excluded_by(["top_p", "min_p"]) == "excluded by top_p and min_p"
     assert sampling._excluded_by([]) == "excluded by the combined filters"
+
+
+def test_judge_plan_passes_the_seed_set_on_for_both_lengths():
+    for length in (1, 2):
+        seeds = []
+
+        def draw(context, settings, seed, n, k, seeds=seeds):
+            seeds.append(seed)
+            return exact_draw(context, settings, seed, n, k)
+
+        plan = hand_plan(length=length, n=20)
+        sampling.judge_plan(plan, logprobs_at, draw, seed_set=2)
+        sampling.judge_plan(plan, logprobs_at, draw)
+        assert seeds == [sampling.case_seed("hand", 2, 0), sampling.case_seed("hand", 0, 0)]
+
+
+def test_top_k_of_one_is_described():
+    assert sampling.describe_settings(SamplerSettings(temp=1.0, top_k=1)) == "temp 1, top_k 1"
+
+
+def test_draws_keep_the_cases_other_settings(oracle):
+    engine = Recording()
+    case = distribution_case(draws=4, top_k=5)
+    case = replace(
+        case, request={**case.request, "draft": {"model": "self", "num_draft_tokens": 2}}
+    )
+    run(case, engine)
+    drafted = [r for r in engine.sent if r.sampler.temp == 1.0]
+    assert len(drafted) == 4
+    assert all(r.draft is not None and r.draft.num_draft_tokens == 2 for r in drafted)
+
+
+def test_logprob_mismatches_are_recorded_one_by_one():
+    from conformance.sampling.paths import LogprobMismatch as Mismatch
+
+    first = Mismatch(generation=0, step=1, token=3, reported=-1.0, expected=-2.0, tolerance=0.01)
+    second = Mismatch(generation=4, step=0, token=5, reported=-0.5, expected=-0.25, tolerance=0.01)
+    paths = [
+        sampling.PathLogprobs("'p'", compared=6, largest_difference=1.0, mismatches=[first]),
+        sampling.PathLogprobs("'q'", compared=4, largest_difference=0.25, mismatches=[second]),
+    ]
+    ctx = Recorder()
+    sampling.record_path_logprobs(ctx, paths)
+    [(check, verdict, text, details)] = ctx.findings
+    line_1 = first.describe("'p'", "<3>")
+    line_2 = second.describe("'q'", "<5>")
+    assert line_1.startswith("'p', generation 0 step 1: token 3 '<3>' reported logprob -1.0000")
+    assert (check, verdict) == ("sampled logprobs", FAIL)
+    assert text == (
+        f"FAIL: 2 of 10 sampled tokens' logprobs, profile fp32 differ from the reference's: {line_1}"
+    )
+    assert details.splitlines() == [
+        text,
+        "the first mismatches (logprob: before temperature and filters, S2):",
+        f"  {line_1}",
+        f"  {line_2}",
+    ]
+    none = Recorder()
+    sampling.record_path_logprobs(none, [sampling.PathLogprobs("'p'")])
+    assert none.findings[0][:2] == ("sampled logprobs", PASS)
+
+
+def test_a_failed_fit_and_several_stray_tokens_are_recorded():
+    plan = hand_plan(top_k=2, n=100)
+    draw = lambda context, settings, seed, n: [0] * 97 + [2, 3, 3]
+    verdict = sampling.judge_next_token(plan, logprobs_at, draw, lambda t: f"<{t}>")
+    ctx = Recorder()
+    sampling.record_verdict(ctx, plan, verdict)
+    (_, _, support, _), (check, fit_verdict, fit_text, details) = ctx.findings
+    assert support == (
+        "FAIL: temp 1, top_k 2 allows 2 tokens, but the engine drew '<2>'(2) x1 (excluded by "
+        "top_k), '<3>'(3) x2 (excluded by top_k) at 'p'"
+    )
+    # 97 of token 0 against 5/8 of 97 = 60.6 expected: the fit fails too.
+    assert (check, fit_verdict) == ("frequencies", FAIL)
+    assert fit_text.startswith("FAIL: worst context 'p': chi-square ")
+    assert details.splitlines()[0] == fit_text and "every fit test:" in details

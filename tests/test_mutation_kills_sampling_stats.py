@@ -504,3 +504,27 @@ def test_float32_probabilities_are_normalised_in_float64():
     expected = 60 * (p32.astype(np.float64) / np.sum(p32))
     assert [c.expected for c in fit.cells] == expected[::-1].tolist()
     assert expected.tolist() != (60 * (p32 / np.sum(p32))).astype(np.float64).tolist()
+
+
+def test_a_logprob_row_is_flattened_and_taken_in_float64():
+    implied = implied_distribution(np.log([[0.5, 0.5]]).astype(np.float32), sampled())
+    assert implied.probabilities.shape == (2,)
+    assert implied.probabilities.dtype == np.float64
+
+
+def test_cells_of_equal_probability_keep_token_order():
+    # 1000 tokens of three probabilities (ties everywhere): cells run from the most likely
+    # down, ties in token order, so the same distribution always pools the same way.
+    p = np.random.default_rng(1).choice([1.0, 2.0, 3.0], 1000)
+    p /= p.sum()
+    cells = stats.pooled_cells(p, 10**6)
+    assert cells == [[t] for t in sorted(range(1000), key=lambda t: (-p[t], t))]
+
+
+def test_the_fit_pools_by_the_given_min_expected():
+    # 20 draws against 0.6/0.35/0.05: expected 12, 7, 1. At min_expected 1 each token is a
+    # cell; at the default 5 token 2 joins token 1.
+    draws = [0] * 12 + [1] * 7 + [2]
+    probabilities = np.array([0.6, 0.35, 0.05])
+    assert len(chi_square_fit([(probabilities, draws)], min_expected=1.0).cells) == 3
+    assert len(chi_square_fit([(probabilities, draws)]).cells) == 2
