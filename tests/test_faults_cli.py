@@ -15,6 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 
 import pytest
+from test_faults_sweep import replacing
 
 from conformance import runner
 from lmconform.cli import main
@@ -22,19 +23,6 @@ from lmconform.cli import main
 PYTHON = shlex.quote(sys.executable)
 FAULTY = f"{PYTHON} -m conformance.examples.faulty_engines"
 CHECK = ["check", "--engine", "mutants:Control", "--model", "dummy", "--cases", "greedy/hello"]
-
-
-def replacing(base: list[str], extra: list[str]) -> list[str]:
-    """``base`` with the options that ``extra`` gives again dropped (a repeated single-valued
-    option is itself a usage error)."""
-    given = {word for word in extra if word.startswith("-")}
-    kept, words = [], iter(base)
-    for word in words:
-        if word in given:
-            next(words)
-            continue
-        kept.append(word)
-    return [*kept, *extra]
 
 
 def run(argv, capsys):
