@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from engines.inputs import did_you_mean
 from engines.jsonl_protocol import EngineTimes
 from engines.models import draft_for
 from engines.protocol import BatchRequest, GenerateRequest, TokenEvent
@@ -347,8 +348,9 @@ def resolve(names: str | list[str]) -> list[Workload]:
     for name in names:
         for member in WORKLOAD_SETS.get(name, (name,)):
             if member not in known:
-                allowed = ", ".join([*WORKLOAD_SETS, *known])
-                raise ValueError(f"unknown workload {member!r}; choose from: {allowed}")
+                names_known = [*WORKLOAD_SETS, *known]
+                raise ValueError(f"unknown workload {member!r}{did_you_mean(member, names_known)}; "
+                                 f"choose from: {', '.join(names_known)}")
             if known[member] not in chosen:
                 chosen.append(known[member])
     if not chosen:

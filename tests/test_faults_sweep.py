@@ -139,6 +139,8 @@ NEAR_MISSES = {
                       "dummy"),
     "bench --engines": (["bench", "--engines", "refrence"], "reference"),
     "bench --model": (["bench", "--engines", "synthetic", "--model", "dumy"], "dummy"),
+    "bench --workloads": (["bench", "--engines", "synthetic", "--workloads", "decod-16"],
+                          "decode-16"),
     "bench compare --format": (["bench", "compare", "--format", "jsn"], "json"),
     "generate --model": (["generate", "--model", "dumy"], "dummy"),
     "a command": (["chek"], "check"),
