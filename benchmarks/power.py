@@ -32,12 +32,20 @@ from pathlib import Path
 from statistics import median
 
 from benchmarks import runner, workloads
-from benchmarks.cli import db_target
+from benchmarks.cli import db_target, model_name
 from benchmarks.compare import compare_engines
 from benchmarks.engines import TimedEngine
 from benchmarks.history import History
 from benchmarks.report import Table
 from benchmarks.stats import DEFAULT_MIN_EFFECT, REGRESSED
+from engines.inputs import (
+    Parser,
+    arg_type,
+    environment_problems,
+    number,
+    output_file,
+    seconds,
+)
 
 METRICS = ("decode_tps", "cpu_s", "decode_cpu_s")
 
@@ -108,32 +116,63 @@ def power_table(trials: list[Trial]) -> Table:
     return table
 
 
+def fractions(text: str) -> list[float]:
+    """``--slowdowns``: comma-separated fractions, each in [0, 10]."""
+    values = [number(float, 0, 10)(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise ValueError(f"expected comma-separated fractions, got {text!r}")
+    return values
+
+
+def engine_spec(text: str) -> str:
+    """``--engine``: a spec the registry accepts, its options checked (not opened)."""
+    from benchmarks.engines import parse_bench_spec
+    from engines.registry import EngineUnavailable
+
+    try:
+        parse_bench_spec(text)
+    except EngineUnavailable as error:
+        raise ValueError(str(error)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.power", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="synthetic:step_ms=2", help="engine spec")
-    parser.add_argument("--model", default="synthetic")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per trial")
-    parser.add_argument("--slowdowns", default="0,0.01,0.02,0.03,0.05,0.10")
-    parser.add_argument("--repetitions", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=20.0,
+    parser = Parser(prog="python -m benchmarks.power", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", type=arg_type(engine_spec, "engine"),
+                        default="synthetic:step_ms=2", help="engine spec")
+    parser.add_argument("--model", type=arg_type(model_name, "model"), default="synthetic")
+    parser.add_argument("--new-tokens", type=arg_type(number(int, 1, 100_000), "count"),
+                        default=64, help="decoded tokens per trial")
+    parser.add_argument("--slowdowns", type=arg_type(fractions, "fractions"),
+                        default=fractions("0,0.01,0.02,0.03,0.05,0.10"))
+    parser.add_argument("--repetitions", type=arg_type(number(int, 1, 100_000), "count"),
+                        default=20)
+    parser.add_argument("--budget", type=arg_type(seconds, "seconds"), default=20.0,
                         help="seconds of blocks per comparison (after the warm-up)")
-    parser.add_argument("--target-width", type=float, default=0.015)
-    parser.add_argument("--min-effect", type=float, default=DEFAULT_MIN_EFFECT)
-    parser.add_argument("--max-repeats", type=int, default=0,
+    parser.add_argument("--target-width", type=arg_type(number(float, 0, 10, low_open=True)),
+                        default=0.015)
+    parser.add_argument("--min-effect", type=arg_type(number(float, 0, 10)),
+                        default=DEFAULT_MIN_EFFECT)
+    parser.add_argument("--max-repeats", type=arg_type(number(int, 0, 1000), "count"), default=0,
                         help="repeats of a disturbed block (0: keep every block; on a machine "
                         "whose load changes all the time, repeats only cost time)")
-    parser.add_argument("--max-blocks", type=int, default=200,
+    parser.add_argument("--max-blocks", type=arg_type(number(int, 2, 1_000_000), "count"),
+                        default=200,
                         help="most blocks per comparison (short trials reach 200 in ~35 s)")
-    parser.add_argument("--db", type=db_target,
+    parser.add_argument("--db", type=arg_type(db_target, "history"),
                         help="keep the runs in this history (a file or a postgresql:// URL)")
-    parser.add_argument("--out", type=Path, help="write the Markdown table and JSON here")
+    parser.add_argument("--out", type=arg_type(output_file, "file"),
+                        help="write the Markdown table and JSON here")
     args = parser.parse_args(argv)
+    problems = environment_problems()
+    if problems:
+        parser.error(problems[0])
     # Before any engine imports mlx.core: the reference binds MLX's float32 products to
     # OpenBLAS only if it comes first (reference/blas.py), as under `lmconform bench`.
     import reference  # noqa: F401
 
-    slowdowns = [float(s) for s in args.slowdowns.split(",")]
+    slowdowns = args.slowdowns
     workload = workloads.Workload(f"decode-{args.new_tokens}", "decode", prompt_tokens=8,
                                   new_tokens=args.new_tokens)
     db = args.db or Path(tempfile.mkdtemp(prefix="lmconform-power-")) / "history.sqlite"
