@@ -282,3 +282,23 @@ def test_the_pytest_plugin_refuses_a_bad_option_before_collecting(option, tmp_pa
     )
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
     assert message in result.stderr and "passed" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--repetitions", "-1"], "--repetitions"),
+        (["--slowdowns", "0,abc"], "--slowdowns"),
+        (["--engine", "synthetic:step_ms=nan"], "option step_ms"),
+        (["--model", "dumy"], "did you mean 'dummy'?"),
+    ],
+)
+def test_the_power_study_refuses_a_bad_option_before_measuring(argv, option, capsys, where):
+    """``python -m benchmarks.power``: before, -1 repetitions exited 0 having measured nothing
+    and a bad slowdown was a traceback."""
+    from benchmarks import power
+
+    with pytest.raises(SystemExit) as exit:
+        power.main(argv)
+    out, err = capsys.readouterr()
+    refused_before_work(exit.value.code, out, err, where, option)
