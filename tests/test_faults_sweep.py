@@ -302,3 +302,32 @@ def test_the_power_study_refuses_a_bad_option_before_measuring(argv, option, cap
         power.main(argv)
     out, err = capsys.readouterr()
     refused_before_work(exit.value.code, out, err, where, option)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``dummy`` as a Hugging Face folder, to spoil copies of."""
+    folder = tmp_path_factory.mktemp("export") / "dummy"
+    assert main(["models", "export", "dummy", str(folder)]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("value", [-5, 0, 2.5, "64"])
+@pytest.mark.parametrize("command", ["generate", "serve", "models export"])
+def test_a_model_folder_with_an_unusable_size_is_named_by_every_loading_command(
+    command, value, exported, capsys, where
+):
+    """Before, a negative hidden_size surfaced as "math domain error" (naming nothing)."""
+    import json
+    import shutil
+
+    spoiled = where.parent / f"spoiled-{where.name}"
+    shutil.copytree(exported, spoiled)
+    config = json.loads((spoiled / "config.json").read_text())
+    (spoiled / "config.json").write_text(json.dumps({**config, "hidden_size": value}))
+    argv = {
+        "generate": ["generate", "--model", str(spoiled), "--max-tokens", "2"],
+        "serve": ["serve", "--model", str(spoiled), "--port", "0"],
+        "models export": ["models", "export", str(spoiled), "{dir}/out"],
+    }[command]
+    refused_before_work(*run(argv, capsys, where), where, "hidden_size must be a positive")

@@ -41,4 +41,21 @@ def family(model_type: str) -> ModuleType:
 def build_model(config: dict[str, Any]):
     """An uninitialised model for a Hugging Face ``config.json`` dict (Llama if no model_type)."""
     module = family(config.get("model_type", "llama"))
+    check_sizes(config)
     return module.Model(module.ModelArgs.from_config(config))
+
+
+# Sizes every family reads; a zero, negative or non-integer one would fail deep inside a
+# layer with a message that names nothing ("math domain error").
+SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "head_dim",
+)
+
+
+def check_sizes(config: dict[str, Any]) -> None:
+    """``ValueError`` naming the first size field of ``config`` that is not a positive integer."""
+    for name in SIZE_FIELDS:
+        value = config.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
