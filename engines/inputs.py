@@ -76,6 +76,13 @@ def non_empty(text: str) -> str:
     return text
 
 
+def set_variable(name: str) -> str:
+    """The name of an environment variable that holds a value (``api_key_env=NAME``)."""
+    if not os.environ.get(non_empty(name)):
+        raise ValueError(f"environment variable {name} is not set or empty")
+    return name
+
+
 def output_file(text: str) -> Path:
     """A file to write: not empty, not a folder, in an existing folder that can be written."""
     path = Path(non_empty(text))

@@ -177,6 +177,10 @@ ENGINE_OPTIONS = {
                                   "--engine", "openai:http://127.0.0.1:9/v1:timeout=nan"],
     "check, openai chat=yes": ["check", "--model", "dummy", "--cases", "greedy/hello",
                                "--engine", "openai:http://127.0.0.1:9/v1:chat=yes"],
+    "check, openai api_key_env unset": [
+        "check", "--model", "dummy", "--cases", "greedy/hello",
+        "--engine", "openai:http://127.0.0.1:9/v1:api_key_env=LMCONFORM_TEST_NO_SUCH_KEY",
+    ],
     "agree, openai timeout -1": ["agree", "--model", "dummy", "--no-history",
                                  "--engine", "openai:http://127.0.0.1:9/v1:timeout=-1"],
     "snapshot, openai top_logprobs=2": [

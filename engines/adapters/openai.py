@@ -49,7 +49,7 @@ from engines.adapters.base import Engine
 from engines.adapters.line_process import EngineFailure
 from engines.byte_level import BYTE_OF_CHAR
 from engines.deadline import CaseTimeout
-from engines.inputs import flag, non_empty, seconds
+from engines.inputs import flag, non_empty, seconds, set_variable
 from engines.models import ModelSource
 from engines.protocol import (
     BatchRequest,
@@ -415,7 +415,7 @@ class OpenAIEngine(Engine):
     model_formats = ("hf-folder",)
     url = ""
     option_checks: ClassVar[dict] = {
-        "model": non_empty, "api_key_env": non_empty, "chat": flag, "timeout": seconds,
+        "model": non_empty, "api_key_env": set_variable, "chat": flag, "timeout": seconds,
         "token_ids": flag, "top_logprobs": flag,
     }
 
