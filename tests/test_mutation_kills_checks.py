@@ -28,6 +28,7 @@ from engines.models import ModelSource
 from engines.protocol import (
     BatchRequest,
     BatchRow,
+    DraftSettings,
     GenerateRequest,
     ProtocolError,
     SamplerSettings,
@@ -643,7 +644,12 @@ def test_a_sampling_plan_refuses_greedy_or_no_draws():
 def test_reference_logprobs_ask_a_greedy_one_token_request_for_every_logprob():
     asked = []
     template = GenerateRequest(
-        prompt=[1], max_tokens=9, sampler=SamplerSettings(temp=2.0, top_k=3), stop_tokens=[4]
+        prompt=[1],
+        prompt_embeddings=np.zeros((1, 8)),
+        max_tokens=9,
+        sampler=SamplerSettings(temp=2.0, top_k=3),
+        stop_tokens=[4],
+        draft=DraftSettings(model="self", num_draft_tokens=2),
     )
 
     def answer(request, top):
@@ -768,6 +774,9 @@ def test_an_unstable_context_is_refused_with_the_settings():
     )
     implied = sampling.stable_implied(hand_plan(top_k=2), "p", START)
     assert implied.support == {0, 1}
+    with pytest.raises(CatalogueError) as next_token:
+        sampling.judge_next_token(plan, logprobs_at, lambda c, s, seed, n: [0] * n)
+    assert str(next_token.value) == str(raised.value)
 
 
 def test_context_draws_carry_the_implied_distribution():
