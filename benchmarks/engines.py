@@ -126,12 +126,8 @@ def default_name(spec: EngineSpec) -> str:
 def open_adapter(spec: EngineSpec, model: str):
     """The adapter for ``spec`` with ``model``; instruments load nothing, so take any name."""
     if spec.target in INSTRUMENTS.values():
-        cls = engine_class(spec)
-        try:
-            return cls(ModelSource(model, "builtin"), **spec.options)
-        except (TypeError, ValueError) as error:
-            name = default_name(spec)
-            raise EngineUnavailable(f"bad {name} engine option in {spec.text!r}: {error}") from None
+        check_spec(spec)  # option names and values, as open_engine checks them
+        return engine_class(spec)(ModelSource(model, "builtin"), **spec.options)
     return open_engine(spec, model)
 
 
