@@ -1390,3 +1390,65 @@ def test_a_failed_fit_and_several_stray_tokens_are_recorded():
     assert (check, fit_verdict) == ("frequencies", FAIL)
     assert fit_text.startswith("FAIL: worst context 'p': chi-square ")
     assert details.splitlines()[0] == fit_text and "every fit test:" in details
+
+
+def test_a_sampled_answer_is_judged_on_its_own_path(control, oracle):
+    ctx = context(control)
+    request = ctx.request(sampler={"temp": 1.0, "top_k": 3, "seed": 5}, max_tokens=6)
+    trace = ctx.run(request)
+    ctx.judge_sampled("path", request, trace, "the answer")
+    passed = (
+        "pass: 6 sampled tokens of the answer on its own path: each allowed by the "
+        "settings, logprobs agree"
+    )
+    assert [(f.check, f.verdict, f.summary) for f in ctx.findings] == [("path", PASS, passed)]
+    # Every logprob off by SHIFT: six problems, the first in the summary, five shown.
+    wrong = Trace([shifted(e) for e in trace.events])
+    ctx.judge_sampled("shifted", request, wrong, "the answer")
+    finding = ctx.findings[-1]
+    assert finding.verdict == FAIL
+    assert finding.summary.startswith(
+        "FAIL: 6 of 6 sampled tokens of the answer on its own path: step 0: logprob of "
+    )
+    lines = finding.details.splitlines()
+    assert lines[0] == finding.summary and len(lines) == 1 + 5
+    assert [line.split(":")[0] for line in lines[1:]] == [f"  step {i}" for i in range(5)]
+    # A token the settings exclude at its prefix (the least likely one there).
+    at_2 = oracle.answer(
+        replace(
+            request,
+            prompt=request.prompt + trace.tokens[:2],
+            max_tokens=1,
+            sampler=SamplerSettings(),
+        ),
+        oracle.vocab_size,
+    )
+    worst = at_2.events[0].top_logprobs[-1][0]
+    # (the path ends there: later steps would follow another prefix)
+    events = list(trace.events)[:3]
+    events[2] = replace(events[2], token=worst, logprob=None, top_logprobs=None)
+    ctx.judge_sampled("excluded", request, Trace(events), "the answer")
+    summary_ = ctx.findings[-1].summary
+    assert summary_.startswith(
+        "FAIL: 1 of 3 sampled tokens of the answer on its own path: step 2: "
+    )
+    assert "is not among the 3 tokens the settings allow" in summary_
+
+
+def test_a_sampled_path_from_embeddings_is_refused(control):
+    ctx = context(control)
+    request = replace(ctx.request(), prompt_embeddings=np.zeros((1, 8)))
+    with pytest.raises(CatalogueError) as raised:
+        ctx.judge_sampled("path", request, Trace([]), "x")
+    assert str(raised.value) == "greedy/hello: a sampled path is judged on token ids"
+
+
+def test_judge_sequences_defaults_to_seed_set_zero():
+    seeds = []
+
+    def draw(context, settings, seed, n, length):
+        seeds.append(seed)
+        return exact_draw(context, settings, seed, n, length)
+
+    sampling.judge_sequences(hand_plan(length=2, n=20), logprobs_at, draw)
+    assert seeds == [sampling.case_seed("hand", 0, 0)]
