@@ -109,11 +109,12 @@ def test_cases_running_side_by_side_each_have_a_heartbeat_once_they_run_long():
     }
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "1000000"])
 def test_jobs_must_be_a_whole_number_of_at_least_one(value, capsys, tmp_path):
     status, _, err = check([*CASES, "-j", value, "--json", str(tmp_path / "r.json")], capsys)
     assert status == 2
-    assert f"argument -j/--jobs: expected a whole number of processes >= 1, got '{value}'" in err
+    assert "argument -j/--jobs: expected processes, a whole number in [1, " in err
+    assert f"got '{value}'" in err
     assert not (tmp_path / "r.json").exists()
 
 
