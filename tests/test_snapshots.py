@@ -285,6 +285,9 @@ def test_checking_against_snapshots_gives_the_live_verdicts_for_each_mutant(muta
     profile = live.default_profile()
     for case_id in mutant.caught_by:
         case = dummy_case(case_id)
+        if judges_engine_chosen_prefixes(case):  # a sampled combination: live only
+            assert "live reference" in golden.missing(case)
+            continue
         # Some mutants draw from the global random state (SeedIgnored): the same state
         # for both runs, so that only the oracle differs between them.
         mx.random.seed(0)
