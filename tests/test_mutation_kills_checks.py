@@ -1452,3 +1452,145 @@ def test_judge_sequences_defaults_to_seed_set_zero():
 
     sampling.judge_sequences(hand_plan(length=2, n=20), logprobs_at, draw)
     assert seeds == [sampling.case_seed("hand", 0, 0)]
+
+
+# -- CaseContext: sampled answers, expectations, text and top lists ---------------------------
+
+
+def scripted_events(tokens_and_tops):
+    """Events of a sampled answer: each (token, top list); the token's logprob is its entry."""
+    events = []
+    for i, (token, tops) in enumerate(tokens_and_tops):
+        last = i == len(tokens_and_tops) - 1
+        logprob = dict(tops)[token]
+        events.append(TokenEvent(token, logprob, tops, finish_reason="length" if last else None))
+    return events
+
+
+# Step 1 is a near-tie (0.0001 < epsilon 0.01) between tokens 66 and 67; five entries a step.
+TAIL = [(71, -3.5), (72, -4.0), (73, -4.5)]
+STEP_0 = [(65, -0.1), (70, -2.5), *TAIL]
+STEP_1 = [(66, -0.8), (67, -0.8001), *TAIL]
+NEAR = [(65, STEP_0), (66, STEP_1)]
+OTHER = [(65, STEP_0), (67, STEP_1)]
+
+
+class Scripted(Control):
+    name = "scripted"
+
+    def generate(self, request):
+        return iter(scripted_events(NEAR))
+
+    def generate_batch(self, batch):
+        return [scripted_events(NEAR) for _ in batch.rows]
+
+
+def test_two_sampled_answers_may_not_part_at_a_near_tie():
+    ctx = context(Scripted(SOURCE))
+    request = ctx.request(sampler={"temp": 1.0, "seed": 3}, max_tokens=2)
+    first = ctx.run(request)
+    other = Trace(scripted_events(OTHER))
+    result = ctx.compare("same seed", first, other, "first", "second")
+    assert result.verdict == FAIL
+    assert result.summary.startswith("FAIL: the same seed gave other tokens (near-tie")
+    assert ctx.findings[-1].summary == result.summary and ctx.findings[-1].verdict == FAIL
+    # The same traces, the expected one not a sampled answer of the engine: a near-tie.
+    plain = ctx.compare("plain", Trace(scripted_events(NEAR)), other)
+    assert plain.verdict == "near-tie"
+    [batch] = ctx.run_batch(BatchRequest([BatchRow(request)]))
+    assert ctx.compare("batch", batch, other).verdict == FAIL
+    greedy_batch = ctx.run_batch(BatchRequest([BatchRow(ctx.request(max_tokens=2))]))
+    assert ctx.compare("greedy batch", greedy_batch[0], other).verdict == "near-tie"
+
+
+def test_a_sampled_reference_answer_is_judged_on_the_engines_path(control):
+    ctx = context(control)
+    request = ctx.request(sampler={"temp": 1.0, "top_k": 3, "seed": 5}, max_tokens=4)
+    expected = ctx.reference(request)
+    actual = ctx.run(request)
+    assert ctx.compare("sampled", expected, actual, "reference", "mine") is None
+    [finding] = ctx.findings
+    assert (finding.check, finding.verdict) == ("sampled", PASS)
+    assert finding.summary.startswith("pass: 4 sampled tokens of mine on its own path")
+    ctx.compare("default label", expected, actual)
+    assert ctx.findings[-1].summary.startswith("pass: 4 sampled tokens of control on its own")
+    # The engine's path is what is judged: a shifted logprob on it fails.
+    ctx.compare("shifted", expected, Trace([shifted(e) for e in actual.events]))
+    assert ctx.findings[-1].verdict == FAIL
+
+
+def test_the_primary_reference_checks_the_decoded_text_and_the_margin(control):
+    # text/utf8_pieces expects multi-byte text: the decoded answer (end tokens left out) has it.
+    ctx = context(control, "text/utf8_pieces")
+    ctx.primary_reference(ctx.request())
+    margin = context(control)
+    margin.primary_reference(margin.request())
+    smallest = margin.conditioning.min_margin
+    for bound, ok in ((smallest * 1.01, True), (smallest, False)):
+        case = replace(dummy_case("greedy/hello"), expect={"smallest_margin_below": bound})
+        strict = CaseContext(case, control, dummy_oracle(), dummy_oracle().default_profile())
+        if ok:
+            strict.primary_reference(strict.request())
+        else:
+            with pytest.raises(CatalogueError):
+                strict.primary_reference(strict.request())
+
+
+def test_a_stop_tokens_text_is_not_expected_in_the_pieces(control):
+    assert findings(run("text/stop_token_silent", control)) == [("engine vs reference", PASS)]
+
+
+class TwoWrongTexts(Control):
+    name = "two-wrong"
+
+    def __init__(self):
+        super().__init__(SOURCE)
+        self.calls = 0
+
+    def generate(self, request):
+        self.calls += 1
+        mark = "?" if self.calls == 1 else "!"
+        for i, event in enumerate(super().generate(request)):
+            yield replace(event, text=mark) if i == 0 else event
+
+
+def test_two_different_text_problems_are_two_findings():
+    ctx = context(TwoWrongTexts(), check_text=True)
+    ctx.run(ctx.request(), "first")
+    ctx.run(ctx.request(), "second")
+    assert [f.check for f in ctx.findings] == ["text", "text"]
+
+
+def test_top_lists_of_batch_rows_and_scores_are_validated():
+    class ShortTops(Control):
+        name = "short-tops"
+
+        def generate_batch(self, batch):
+            return [
+                [replace(e, top_logprobs=e.top_logprobs[:2]) for e in events]
+                for events in super().generate_batch(batch)
+            ]
+
+        def score(self, request):
+            for event in super().score(request):
+                yield replace(event, top_logprobs=event.top_logprobs[:2])
+
+    ctx = context(ShortTops(SOURCE))
+    with pytest.raises(ProtocolError) as batch:
+        ctx.run_batch(BatchRequest([BatchRow(ctx.request(max_tokens=2))]))
+    assert str(batch.value).startswith("short-tops, batch row 0: ")
+    with pytest.raises(ProtocolError) as scored:
+        ctx.run_score(ScoreRequest(prompt=[1, 2], continuation=[3, 4]))
+    assert str(scored.value).startswith("short-tops scoring: ")
+
+
+def test_a_failed_comparison_names_tokens_by_their_token_text(control, oracle):
+    ctx = context(control, "embeddings/from_tokens")
+    expected = ctx.reference(ctx.request())
+    first = expected.tokens[0]
+    assert oracle.token_text(first) != oracle.decode([first])  # '<d1>' against a byte
+    actual = Trace([shifted(expected.events[0]), *expected.events[1:]])
+    ctx.compare("mine", expected, actual)
+    assert ctx.findings[-1].summary.startswith(
+        f"FAIL: logprob of {oracle.token_text(first)!r} at step 0"
+    )
