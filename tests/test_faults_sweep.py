@@ -134,6 +134,7 @@ NEAR_MISSES = {
     "check --engine": ([*CHECK, "--engine", "refrence"], "reference"),
     "check --model": (["check", "--model", "dumy"], "dummy"),
     "check --profile": ([*CHECK, "--profile", "fp33"], "fp32"),
+    "check --against": ([*CHECK, "--against", "snapshot"], "snapshots"),
     "snapshot --model": (["snapshot", "--model", "dumy", "--out", "{dir}/s"], "dummy"),
     "agree --model": (["agree", "--engine", "reference", "--model", "dumy", "--no-history"],
                       "dummy"),

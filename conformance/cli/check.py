@@ -35,7 +35,7 @@ from conformance.cli.options import (
     check_profile,
     check_report_paths,
 )
-from engines.inputs import arg_type, non_empty, number, seconds
+from engines.inputs import arg_type, did_you_mean, non_empty, number, seconds
 from engines.models import DEFAULT_CASE_TIMEOUT_S, DEFAULT_MODELS
 
 # More workers than this per core is a typo (each loads its models).
@@ -184,8 +184,9 @@ def open_snapshots(against: str, cases: dict[str, list], explicit_models: bool) 
     folder = GOLDEN_DIR if against == "snapshots" else Path(against)
     if against != "snapshots":
         if not folder.is_dir():
+            hint = did_you_mean(against, ["reference", "snapshots"])
             raise InputError(
-                f"--against {against!r} is neither 'reference', 'snapshots' nor a folder"
+                f"--against {against!r}{hint} is neither 'reference', 'snapshots' nor a folder"
             )
         if not os.access(folder, os.R_OK | os.X_OK):
             raise InputError(f"--against {against}: the folder cannot be read")
