@@ -219,6 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"lmconform serve: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the port is taken, the address is not ours
-        print(f"lmconform serve: error: {error}", file=sys.stderr)
+        print(f"lmconform serve: error: --host {args.host} --port {args.port}: {error}",
+              file=sys.stderr)
         return 2
     return 0
