@@ -1575,7 +1575,14 @@ def test_top_lists_of_batch_rows_and_scores_are_validated():
             for event in super().score(request):
                 yield replace(event, top_logprobs=event.top_logprobs[:2])
 
+        def generate(self, request):
+            for event in super().generate(request):
+                yield replace(event, top_logprobs=event.top_logprobs[:2])
+
     ctx = context(ShortTops(SOURCE))
+    with pytest.raises(ProtocolError) as single:
+        ctx.run(ctx.request(max_tokens=2))
+    assert str(single.value) == "short-tops: 2 top logprobs at step 0; 5 were requested"
     with pytest.raises(ProtocolError) as batch:
         ctx.run_batch(BatchRequest([BatchRow(ctx.request(max_tokens=2))]))
     assert str(batch.value).startswith("short-tops, batch row 0: ")
