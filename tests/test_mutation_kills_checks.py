@@ -1406,7 +1406,7 @@ def test_a_sampled_answer_is_judged_on_its_own_path(control, oracle):
     wrong = Trace([shifted(e) for e in trace.events])
     ctx.judge_sampled("shifted", request, wrong, "the answer")
     finding = ctx.findings[-1]
-    assert finding.verdict == FAIL
+    assert (finding.check, finding.verdict) == ("shifted", FAIL)
     assert finding.summary.startswith(
         "FAIL: 6 of 6 sampled tokens of the answer on its own path: step 0: logprob of "
     )
@@ -1433,6 +1433,7 @@ def test_a_sampled_answer_is_judged_on_its_own_path(control, oracle):
         "FAIL: 1 of 3 sampled tokens of the answer on its own path: step 2: "
     )
     assert "is not among the 3 tokens the settings allow" in summary_
+    assert f"{oracle.token_text(worst)!r}({worst})" in summary_
 
 
 def test_a_sampled_path_from_embeddings_is_refused(control):
