@@ -1498,6 +1498,12 @@ def test_two_sampled_answers_may_not_part_at_a_near_tie():
     # The same traces, the expected one not a sampled answer of the engine: a near-tie.
     plain = ctx.compare("plain", Trace(scripted_events(NEAR)), other)
     assert plain.verdict == "near-tie"
+    # A step after the near-tie that nothing judges (no resumption here) is counted.
+    after = (68, [(68, -0.2), *TAIL, (70, -5.0)])
+    ctx.compare(
+        "longer", Trace(scripted_events([*NEAR, after])), Trace(scripted_events([*OTHER, after]))
+    )
+    assert (ctx.findings[-1].near_tie_steps, ctx.findings[-1].unjudged_steps) == ([1], 1)
     [batch] = ctx.run_batch(BatchRequest([BatchRow(request)]))
     assert ctx.compare("batch", batch, other).verdict == FAIL
     greedy_batch = ctx.run_batch(BatchRequest([BatchRow(ctx.request(max_tokens=2))]))
