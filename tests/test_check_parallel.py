@@ -76,7 +76,7 @@ def test_two_workers_give_the_serial_verdicts_and_reports(tmp_path):
     assert without_timings(serial) == without_timings(parallel)
     verdicts = {(r["engine"], r["case_id"]): r["verdict"]
                 for r in json.loads((parallel / "r.json").read_text())["results"]}
-    assert len(verdicts) == 2 * 11
+    assert len(verdicts) == 2 * 13  # greedy, stopping, logit_bias, resumption on dummy
     assert {k for k, v in verdicts.items() if v == "fail"} == {  # the end-token cases
         ("mutant-eos", "stopping/stop_token"),
         ("mutant-eos", "stopping/second_eos"),
@@ -85,8 +85,8 @@ def test_two_workers_give_the_serial_verdicts_and_reports(tmp_path):
     # Progress: each case's line once, with its place in the serial run's column.
     def lines(err):
         return sorted(re.findall(r"^\[.*\] \S+ (?:pass|FAIL|near-tie)", err, re.MULTILINE))
-    assert lines(one.stderr) == lines(two.stderr) and len(lines(two.stderr)) == 22
-    assert "[mutant-eos @ dummy 11/11] logit_bias/redirect pass" in two.stderr
+    assert lines(one.stderr) == lines(two.stderr) and len(lines(two.stderr)) == 26
+    assert "[mutant-eos @ dummy 13/13] logit_bias/redirect pass" in two.stderr
 
 
 def test_cases_running_side_by_side_each_have_a_heartbeat_once_they_run_long():
