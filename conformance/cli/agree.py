@@ -24,10 +24,11 @@ from conformance.cli.options import (
     InputError,
     add_report_options,
     check_engines,
+    check_models,
     check_profile,
     check_report_paths,
 )
-from engines.inputs import arg_type, did_you_mean, distinct, number
+from engines.inputs import arg_type, number
 
 HISTORY_WORKLOAD = "agreement"
 MAX_TOP = 1000  # a longer top-k list is a typo (and a slow engine answer)
@@ -120,16 +121,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from engines.models import BUILTIN_MODELS
 
     check_profile(args.profile)
-    try:
-        models = distinct("--model", args.model or ["dummy"])
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    for model in models:
-        if model not in BUILTIN_MODELS:
-            raise InputError(
-                f"--model {model!r}: unknown{did_you_mean(model, BUILTIN_MODELS)}; "
-                f"models: {', '.join(BUILTIN_MODELS)}"
-            )
+    models = check_models(args.model or ["dummy"], list(BUILTIN_MODELS), unknown="unknown")
     if args.no_history and args.db is not None:
         raise InputError("--db and --no-history contradict each other: give one")
     check_report_paths(args)

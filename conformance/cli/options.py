@@ -47,8 +47,9 @@ def check_profile(name: str | None) -> None:
         )
 
 
-def check_models(models: list[str], known: list[str]) -> list[str]:
-    """``--model`` values: each known, each once."""
+def check_models(models: list[str], known: list[str],
+                 unknown: str = "no case of the catalogue runs on it") -> list[str]:
+    """``--model`` values: each known, each once; ``unknown`` says why one is refused."""
     try:
         models = distinct("--model", models)
     except ValueError as error:
@@ -56,8 +57,7 @@ def check_models(models: list[str], known: list[str]) -> list[str]:
     for model in models:
         if model not in known:
             raise InputError(
-                f"--model {model!r}: no case of the catalogue runs on it"
-                f"{did_you_mean(model, known)}; models: {', '.join(known)}"
+                f"--model {model!r}: {unknown}{did_you_mean(model, known)}; models: {', '.join(known)}"
             )
     return models
 
