@@ -9,13 +9,13 @@ Every statistical test here has fixed seeds, so its outcome is deterministic; wh
 random is only which seeds we happened to pick. Over that choice, the probability that
 a *correct* implementation fails a test in this file (its false-alarm rate) is:
 
-- ``test_reference_is_calibrated_over_20_seed_sets``: 120 verdicts, each a false alarm
+- ``test_reference_is_calibrated_over_20_seed_sets``: 140 verdicts, each a false alarm
   with probability at most 0.001; the test allows one, so it fails with probability at
-  most P(Binomial(120, 0.001) >= 2) = 0.0066; plus 0.001 for its uniformity check;
+  most P(Binomial(140, 0.001) >= 2) = 0.0089; plus 0.001 for its uniformity check;
 - the other tests in which the reference must pass (one-draw-per-request path,
   speculative x 2, smollm x 1): at most 0.001 each;
 
-about 1.2% in all (``test_stated_false_alarm_rates`` recomputes these numbers). The
+about 1.4% in all (``test_stated_false_alarm_rates`` recomputes these numbers). The
 mutant tests can only fail the other way (a mutant slipping through); the p-values
 they reach are far below any threshold (see the asserts).
 """
@@ -415,8 +415,8 @@ def test_reference_draws_repeat_with_their_seed(oracle):
 
 
 def test_reference_is_calibrated_over_20_seed_sets(oracle):
-    """At family-wise alpha 0.001 per case, 6 cases x 20 seed sets = 120 verdicts flag
-    0.12 on average: we allow one (false alarm <= 0.0066, see the module docstring).
+    """At family-wise alpha 0.001 per case, 7 cases x 20 seed sets = 140 verdicts flag
+    0.14 on average: we allow one (false alarm <= 0.0089, see the module docstring).
     The raw p-values must also look uniform (Kolmogorov-Smirnov, level 0.001): a test
     that was miscalibrated at larger p-values would show there long before it showed
     as false alarms at 0.001."""
@@ -541,7 +541,7 @@ def test_reference_passes_on_smollm(case_id):
 def test_stated_false_alarm_rates():
     """The numbers in the module docstring."""
     calibration = stats.binom.sf(1, len(DUMMY_NEXT_TOKEN) * len(SEED_SETS), DEFAULT_ALPHA)
-    assert calibration == pytest.approx(0.0066, abs=0.0001)
+    assert calibration == pytest.approx(0.0089, abs=0.0001)
     others = 1 + len(DUMMY_SPECULATIVE) + len(SMOLLM)
     total = calibration + 0.001 + others * DEFAULT_ALPHA
-    assert total == pytest.approx(0.012, abs=0.0005)
+    assert total == pytest.approx(0.014, abs=0.0005)
