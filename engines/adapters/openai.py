@@ -643,7 +643,7 @@ class OpenAIEngine(Engine):
         path, body = self.generation_body(request)
         top = request.top_logprobs
         if request.stream and self.probe.stream:
-            yield from self.streamed(path, body | {"stream": True}, top, len(request.prompt))
+            yield from self.streamed(path, body | {"stream": True}, request)
             return
         answer = self.client.post(path, body)
         if not self.probe.token_prompts or path != "/completions":
@@ -655,12 +655,15 @@ class OpenAIEngine(Engine):
         # A non-streamed answer carries all its text on the last event.
         events = events_from(infos, top, [""] * (len(infos) - 1) + [choice_text(choice)])
         events[-1].finish_reason = choice.get("finish_reason")
+        self.restore_stop_text(request, [e.token for e in events], "", events[-1])
         yield from events
 
-    def streamed(self, path: str, body: dict, top: int, prompt_length: int) -> Iterator[TokenEvent]:
+    def streamed(self, path: str, body: dict, request: GenerateRequest) -> Iterator[TokenEvent]:
         """Events as chunks arrive; a chunk's text goes with its last token."""
+        top, prompt_length = request.top_logprobs, len(request.prompt)
         pending_text = ""  # text that came before any token of its chunk
         held: TokenEvent | None = None  # the latest event, sent once the next one shows up
+        sent_tokens, sent_text = [], ""
         finish = None
         for chunk in self.client.post_stream(path, body):
             if "usage" in chunk and chunk.get("choices") == []:
@@ -675,6 +678,8 @@ class OpenAIEngine(Engine):
                 pending_text = ""
                 for event in events_from(infos, top, texts):
                     if held is not None:
+                        sent_tokens.append(held.token)
+                        sent_text += held.text
                         yield held
                     held = event
             elif held is not None:
@@ -689,7 +694,24 @@ class OpenAIEngine(Engine):
         if finish is None:
             raise ServerFailure("the event stream ended without a finish_reason")
         held.finish_reason = finish
+        self.restore_stop_text(request, [*sent_tokens, held.token], sent_text, held)
         yield held
+
+    def restore_stop_text(
+        self, request: GenerateRequest, tokens: list[int], text_before: str, last: TokenEvent
+    ) -> None:
+        """The OpenAI API leaves a matched stop string out of the text; the protocol keeps
+        a completed stop sequence's text (S3). Put it back where the server left exactly
+        that string out, and nowhere else (a server that keeps it is left as it is)."""
+        if last.finish_reason != "stop":
+            return
+        for sequence in request.stop_sequences:
+            if tokens[-len(sequence):] != list(sequence):
+                continue
+            stop_text = self.tokenizer.decode(list(sequence))
+            if text_before + last.text + stop_text == self.tokenizer.decode(tokens):
+                last.text += stop_text
+            return
 
     def score(self, request: ScoreRequest) -> list[TokenEvent]:
         if not self.probe.echo:
