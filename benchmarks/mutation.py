@@ -45,6 +45,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engines.inputs import Parser, arg_type, did_you_mean, distinct, number, seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".mutation"
 COPIED = ("reference", "engines", "conformance", "benchmarks", "lmconform", "tests")
@@ -394,6 +396,15 @@ def changed_modules(base: str) -> list[str]:
     ]
 
 
+def git_revision(text: str) -> str:
+    """``--changed BASE``: a revision git knows (a typo would otherwise mutate nothing)."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{text}^{{commit}}"],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
+    if not text.strip() or found.returncode != 0:
+        raise ValueError(f"{text!r}: not a commit of this repository")
+    return text
+
+
 def tests_for(module: str) -> tuple[str, ...] | None:
     """The MODULE_TESTS entry of ``module``, or of the glob key that covers it."""
     if module in MODULE_TESTS:
@@ -443,7 +454,7 @@ def mutmut_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m benchmarks.mutation",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -456,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--changed",
         metavar="BASE",
+        type=arg_type(git_revision, "revision"),
         help="only the modules whose source or tests differ from git BASE",
     )
     parser.add_argument(
         "--budget",
-        type=float,
+        type=arg_type(seconds, "seconds"),
         default=None,
         help="seconds for the whole run; a module still running then is scored "
         "on the mutants checked so far, later ones are skipped",
@@ -472,15 +484,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--min-score",
-        type=float,
+        type=arg_type(number(float, 0, 100, what="a percentage"), "percentage"),
         default=0.0,
         help="exit 1 if a module scores below this percentage",
     )
     args = parser.parse_args(argv)
 
-    unknown = [m for m in args.modules if tests_for(m) is None]
-    if unknown:
-        parser.error(f"not in MODULE_TESTS: {', '.join(unknown)}; choose from {list(MODULE_TESTS)}")
+    try:
+        distinct("module", args.modules)
+    except ValueError as error:
+        parser.error(str(error))
+    for module in args.modules:
+        if tests_for(module) is None:
+            parser.error(f"{module}: not in MODULE_TESTS{did_you_mean(module, MODULE_TESTS)}; "
+                         f"choose from {', '.join(MODULE_TESTS)}")
+    for test in args.tests or []:
+        if not (ROOT / test).is_file():
+            parser.error(f"--tests {test}: no such file")
     modules = args.modules or list(MODULE_TESTS)
     if args.changed:
         modules = [m for m in changed_modules(args.changed) if m in modules]

@@ -102,3 +102,29 @@ def test_scores_go_to_the_history_and_bench_show_prints_them(tmp_path, capsys):
     assert cli_bench.main(["show", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "conformance/profiles.py" in out and "mutation_score" in out and "90" in out
+
+
+BAD_ARGUMENTS = {
+    "--budget nan": (["--budget", "nan"], "--budget"),
+    "--budget negative": (["--budget", "-1"], "--budget"),
+    "--changed unknown": (["--changed", "no-such-revision"], "not a commit"),
+    "--min-score above 100": (["--min-score", "200"], "--min-score"),
+    "a misspelt module": (["conformance/comparater.py"], "did you mean 'conformance/comparator.py'"),
+    "a module twice": (["conformance/profiles.py", "conformance/profiles.py"], "given twice"),
+    "--tests missing file": (["--tests", "tests/no_such_test.py"], "no such file"),
+    "--budget twice": (["--budget", "5", "--budget", "6"], "given twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_refused_before_any_mutant_runs(case, capsys, tmp_path):
+    """A typo'd budget, revision or module used to run for an hour (nan, -1) or mutate
+    nothing and exit 0 (an unknown --changed base raised a traceback)."""
+    argv, message = BAD_ARGUMENTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        mutation.main([*argv, "--db", str(tmp_path / "h.sqlite")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line naming the input
+    assert last.startswith("python -m benchmarks.mutation: error:") and message in last
+    assert not (tmp_path / "h.sqlite").exists()
