@@ -243,8 +243,6 @@ def _judge_divergence(
     exp_event, act_event = expected.events[step], actual.events[step]
     margin, bound, exp_lp, exp_lp_of_act = margin_at(exp_event, act_event.token)
     _, _, act_lp, act_lp_of_exp = margin_at(act_event, exp_event.token)
-    if act_lp is None:
-        act_lp = act_event.logprob
     d = Diagnostic(
         kind="token",
         step=step,

@@ -422,3 +422,48 @@ def test_a_path_logprob_error_without_a_top_list_compares_with_refs_own_logprob(
     actual = engine(PATH_TOKENS, [-0.1, -0.1, -0.104, -0.3, -0.1])
     d = compare(EXPECTED, actual, resume=resume).diagnostic
     assert (d.kind, d.step, d.expected_token, d.expected_logprob) == ("logprob", 3, 65, -0.2)
+
+
+# -- the largest error, kept on every outcome (survivors of the full mutmut run) -------------
+
+
+def test_the_largest_logprob_error_is_the_maximum_not_the_last():
+    # Errors 0.0015 at step 0, 0.0005 at step 1, both inside the tolerance (~0.002).
+    c = compare(make_trace([72, 105], [-0.1, -0.2]), make_trace([72, 105], [-0.1015, -0.2005]))
+    assert c.verdict == PASS and c.max_logprob_error == pytest.approx(0.0015)
+
+
+def test_a_length_or_finish_reason_fail_keeps_the_largest_logprob_error():
+    short = make_trace([72, 105], [-0.1, -0.2], finish="stop")
+    long = make_trace([72, 105, 33], [-0.1, -0.201, -0.3])
+    assert compare(short, long).max_logprob_error == pytest.approx(0.001)
+    stop = make_trace([72], [-0.1], finish="stop")
+    assert compare(stop, make_trace([72], [-0.1012])).max_logprob_error == pytest.approx(0.0012)
+
+
+def test_a_divergence_without_the_engines_top_list_shows_its_own_logprob():
+    expected = make_trace([72, 105], [-0.1, -0.2], [[(72, -0.1)], [(105, -0.2), (111, -0.7)]])
+    actual = make_trace([72, 111], [-0.1, -0.65])  # logprobs, but no top lists
+    c = compare(expected, actual)
+    assert c.verdict == FAIL and c.diagnostic.actual_logprob == -0.65
+    assert "  eng: logprob('o') = -0.65, logprob('i') = unknown" in c.render("ref", "eng")
+
+
+def test_resuming_from_a_near_tie_at_step_0_measures_the_errors_on_the_engines_path():
+    # Step 0: ref's top 'H' at -0.1, 'x' at -0.104 (margin 0.004 < 0.01); the engine takes 'x'.
+    tie = [(72, -0.1), (120, -0.104)]
+    expected = make_trace([72, 105], [-0.1, -0.2], [tie, [(105, -0.2)]])
+    resume = path([120, 65], [-0.104, -0.3], [tie, [(65, -0.3)]])
+    c = compare(expected, engine([120, 65], [-0.1045, -0.301]), resume=resume)
+    assert c.verdict == NEAR_TIE and c.near_tie_steps == [0]
+    assert c.max_logprob_error == pytest.approx(0.001)
+
+
+def test_equal_infinite_logprobs_on_the_engines_path_are_an_error_of_zero():
+    inf = float("-inf")
+    tie = [(72, -0.1), (120, -0.104)]
+    expected = make_trace([72, 105], [-0.1, -0.2], [tie, [(105, -0.2)]])
+    resume = path([120, 65], [-0.104, inf], [tie, [(65, inf)]])
+    # No logprob at step 0, so step 1's is the first error measured (abs(inf - inf) is nan).
+    c = compare(expected, engine([120, 65], [None, inf]), resume=resume)
+    assert c.verdict == NEAR_TIE and c.max_logprob_error == 0.0
