@@ -134,6 +134,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     # A glob key also serves each file it covers (``conformance/checks/sampling.py``).
     "conformance/checks/*": (
         "tests/test_mutation_kills_checks.py",
+        "tests/test_agreement_case.py",
         "tests/test_resumption.py::test_a_noisy_but_correct_engine_passes_with_its_near_tie_counted",
         "tests/test_conformance_catalogue.py",
         *SAMPLER_STATS_FAST,
