@@ -93,6 +93,9 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
     opt("--trials", type=trials, help="timed trials per engine and workload (default 5); "
         "'auto': blocks until the 95%% interval is narrower than --target-width or "
         "--time-budget ends", **kwargs)
+    opt("--processes", type=arg_type(number(int, 1, 64), "processes"), help="measure in this "
+        "many fresh processes, one after another, each with its own warm-up and share of the "
+        "blocks (default 1: all in this process)", **kwargs)
     opt("--warmup", type=count, help="untimed rounds first (default 1)", **kwargs)
     opt("--max-warmup", type=count, help="more warm-up rounds, up to this many, while the first "
         "metric still moves by more than 3%% (default: --warmup, no extra rounds)", **kwargs)
@@ -114,7 +117,7 @@ def _add_run_options(parser: argparse.ArgumentParser, **kwargs) -> None:
 RUN_DEFAULTS = {
     "engines": "reference", "model": "dummy", "workloads": "quick", "trials": 5, "warmup": 1,
     "time_budget": None, "no_bandwidth": False, "markdown": None, "db": None,
-    "max_warmup": None, "seed": None, "target_width": 0.02, "max_repeats": 2,
+    "max_warmup": None, "seed": None, "target_width": 0.02, "max_repeats": 2, "processes": 1,
 }
 
 
@@ -283,13 +286,13 @@ def run_command(args) -> int:
             engines=[engines.TimedEngine.from_spec(spec, args.model) for spec in specs],
             model=args.model, workloads=chosen, trials=args.trials, warmup=args.warmup,
             measure_bandwidth=not args.no_bandwidth, time_budget_s=args.time_budget,
-            **_design(args),
+            processes=args.processes, specs=specs, **_design(args),
         )
     except (ValueError, engines.EngineUnavailable) as error:
         return _error(str(error))
     with _history(args) as store:
         try:
-            outcome = runner.run(plan, store)
+            outcome = runner.run(plan, store, db=args.db or history.DEFAULT_DB)
         except RuntimeError as error:  # no engine could be loaded
             return _error(str(error))
         samples = store.samples([outcome.run_id])

@@ -25,13 +25,24 @@ For each workload:
 
 Each block is committed to the history before the next starts, so a run that is
 killed keeps every block it finished. Progress goes to stderr, one line per trial.
+
+With ``processes`` > 1 the blocks are measured in that many fresh Python processes,
+one after another (``benchmarks.runner_worker``): everything a process sets up once
+(memory layout, allocator, thread placement, caches) is shared by all its trials, so
+one process measures one draw of it; several average over it, as pyperf does. Each
+worker loads the engines, warms up and runs its share of blocks, numbered after the
+previous worker's; a block never spans processes, so comparisons stay paired.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -74,6 +85,10 @@ class RunPlan:
     min_trials: int = 6
     max_trials: int = 200
     auto_budget_s: float = 60.0
+    # Blocks measured in this many fresh processes, one after another; they re-create
+    # the engines from ``specs`` (the --engines texts, one per engine).
+    processes: int = 1
+    specs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -91,6 +106,13 @@ class RunPlan:
             raise ValueError("target_width must be in (0, 10) and auto_budget_s positive")
         if self.max_repeats < 0:
             raise ValueError(f"max_repeats must be >= 0, got {self.max_repeats}")
+        if not 1 <= self.processes <= 64:
+            raise ValueError(f"--processes must be in [1, 64], got {self.processes}")
+        if self.processes > 1 and len(self.specs) != len(self.engines):
+            raise ValueError("--processes needs the engines' spec texts, one per engine")
+        if not self.auto and self.trials < self.processes:
+            raise ValueError(f"--trials {self.trials} is fewer than --processes "
+                             f"{self.processes}: every process needs a block")
 
     @property
     def auto(self) -> bool:
@@ -101,7 +123,8 @@ class RunPlan:
         keep = ("trials", "warmup", "max_warmup", "stable_within", "order_seed", "max_steal",
                 "max_load_change", "max_repeats", "target_width", "min_trials", "max_trials",
                 "auto_budget_s")
-        return {name: getattr(self, name) for name in keep}
+        design = {name: getattr(self, name) for name in keep}
+        return {**design, "processes": self.processes} if self.processes > 1 else design
 
 
 @dataclass
@@ -110,6 +133,14 @@ class RunOutcome:
     errors: dict[tuple[str, str], str] = field(default_factory=dict)  # (engine, workload)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unsupported
     out_of_time: bool = False
+    last_trials: dict[str, int] = field(default_factory=dict)  # workload: its last block
+
+    def merge(self, other: RunOutcome, label: str) -> None:
+        """Add a worker's outcome (``label`` names the worker in its errors)."""
+        self.errors.update({key: f"{label}: {text}" for key, text in other.errors.items()})
+        self.skipped.extend(s for s in other.skipped if s not in self.skipped)
+        self.out_of_time |= other.out_of_time
+        self.last_trials.update(other.last_trials)
 
 
 class Progress:
@@ -126,19 +157,31 @@ def _format(values: dict[str, float]) -> str:
     return ", ".join(f"{name}={value:.4g}{metric(name).unit}" for name, value in values.items())
 
 
-def run(plan: RunPlan, history: History, progress: Progress | None = None) -> RunOutcome:
-    """Execute ``plan``, storing every trial in ``history``; returns the run id and notes."""
+def run(plan: RunPlan, history: History, progress: Progress | None = None,
+        db: str | Path | None = None) -> RunOutcome:
+    """Execute ``plan``, storing every trial in ``history``; returns the run id and notes.
+    ``db``: the history's target as given (workers open it again; a URL unmasked)."""
     say = progress or Progress()
     started = time.monotonic()
     engines, load_errors = _load(plan, say)
     try:
-        return _run(plan, engines, load_errors, history, say, started)
+        run_id = _start(plan, engines, history, say)
+        if plan.processes > 1:
+            for engine in engines:  # the workers load their own; free the memory first
+                engine.close()
+            return _run_workers(plan, history, str(db or history.path), run_id,
+                                RunOutcome(run_id, errors=load_errors), say)
+        outcome = RunOutcome(run_id, errors=load_errors)
+        _measure(plan, engines, history, outcome, say, started)
+        history.finish_run(run_id)
+        return outcome
     finally:
         for engine in engines:
             engine.close()
 
 
-def _run(plan, engines, load_errors, history, say, started) -> RunOutcome:
+def _start(plan: RunPlan, engines, history: History, say) -> int:
+    """Start the run in the history and measure the memory bandwidth (once per run)."""
     versions: dict[str, str] = {}
     for engine in engines:
         versions.update(engine.versions())
@@ -153,16 +196,22 @@ def _run(plan, engines, load_errors, history, say, started) -> RunOutcome:
             **plan.design(),
         },
     )
-    outcome = RunOutcome(run_id, errors=load_errors)
     say(f"run {run_id}: {len(engines)} engines x {len(plan.workloads)} workloads "
         f"x {plan.trials} trials -> {history.path}")
-
     if plan.measure_bandwidth:
         bandwidth = roofline.measure_bandwidth()
         history.add_trial(run_id, 0, "machine", plan.model, "memory-bandwidth",
                           {"bandwidth_gbs": bandwidth / 1e9}, {})
         say(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    return run_id
 
+
+def _measure(plan: RunPlan, engines, history: History, outcome: RunOutcome, say,
+             started: float, first_trials: dict[str, int] | None = None,
+             tags: dict | None = None, total: int | str | None = None) -> None:
+    """Warm-up and blocks of every workload; block numbers continue after
+    ``first_trials[workload]``; ``tags`` go into every trial's facts; ``total``: the
+    run's block count as progress shows it (a worker's plan holds only its share)."""
     rng = random.Random(plan.order_seed) if plan.order_seed is not None else None
 
     def out_of_time() -> bool:
@@ -180,28 +229,121 @@ def _run(plan, engines, load_errors, history, say, started) -> RunOutcome:
         _warm_up(plan, workload, active, outcome, say)
         load = LoadTracker()
         collected: dict[str, dict[int, float]] = {engine.name: {} for engine in active}
-        workload_started, trial = time.monotonic(), 0
-        while active and _wants_more(plan, trial, collected, workload_started):
+        offset = (first_trials or {}).get(workload.name, 0)
+        workload_started, done = time.monotonic(), 0
+        while active and _wants_more(plan, done, collected, workload_started):
             if out_of_time():
                 outcome.out_of_time = True
                 say(f"time budget of {plan.time_budget_s:.0f}s spent; stopping")
-                history.finish_run(run_id)
-                return outcome
-            trial += 1
+                return
+            done += 1
+            trial = offset + done
             order = rng.sample(active, len(active)) if rng else list(active)
             block = _block(plan, workload, order, load, outcome, say, trial)
             for position, (engine, values, facts) in enumerate(block):
                 history.add_trial(
-                    run_id, trial, engine.name, plan.model, workload.name, values,
+                    outcome.run_id, trial, engine.name, plan.model, workload.name, values,
                     {"workload": workload.settings(), "engine": engine.settings(),
-                     "trial": {**facts, "position": position}},
+                     "trial": {**facts, "position": position, **(tags or {})}},
                 )
                 collected[engine.name][trial] = next(iter(values.values()))
-                total = "auto" if plan.auto else plan.trials
                 say(f"[{index}/{len(plan.workloads)} {workload.name}] trial "
-                    f"{trial}/{total} {engine.name}: {_format(values)}")
+                    f"{trial}/{total or plan.trials} {engine.name}: {_format(values)}")
+            outcome.last_trials[workload.name] = trial
             active = [engine for engine in active if any(e is engine for e, _, _ in block)]
+
+
+# --- several processes ------------------------------------------------------------------
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` counts as even as possible, larger ones first."""
+    return [total // parts + (k < total % parts) for k in range(parts)]
+
+
+def worker_plan(plan: RunPlan, process: int) -> dict:
+    """What worker ``process`` (1-based) measures: its share of fixed blocks, or with
+    ``trials="auto"`` an equal share of the time budget and of min/max_trials (each
+    worker stops by the interval rule on its own blocks). Its order seed is the run's
+    plus ``process``, so workers do not repeat one another's orders."""
+    n = plan.processes
+    design = {key: value for key, value in plan.design().items() if key != "processes"}
+    design["trials"] = plan.trials if plan.auto else shares(plan.trials, n)[process - 1]
+    if plan.order_seed is not None:
+        design["order_seed"] = plan.order_seed + process
+    if plan.auto:
+        design["auto_budget_s"] = plan.auto_budget_s / n
+        design["max_trials"] = math.ceil(plan.max_trials / n)
+        design["min_trials"] = min(design["max_trials"], max(2, math.ceil(plan.min_trials / n)))
+    budget = None if plan.time_budget_s is None else plan.time_budget_s / n
+    return {"design": design, "time_budget_s": budget}
+
+
+def _run_workers(plan: RunPlan, history: History, db: str, run_id: int,
+                 outcome: RunOutcome, say) -> RunOutcome:
+    """Workers 1..N, one after another (concurrent ones would disturb each other)."""
+    for process in range(1, plan.processes + 1):
+        job = {
+            "db": db, "run_id": run_id, "process": process,
+            "specs": plan.specs, "model": plan.model,
+            "workloads": [w.name for w in plan.workloads],
+            "first_trials": dict(outcome.last_trials), "total": plan.trials,
+            **worker_plan(plan, process),
+        }
+        say(f"process {process}/{plan.processes} starting")
+        label = f"process {process}"
+        with tempfile.TemporaryDirectory(prefix="lmconform-worker-") as folder:
+            job_file, result_file = Path(folder, "job.json"), Path(folder, "result.json")
+            job["result"] = str(result_file)
+            job_file.write_text(json.dumps(job))
+            # stderr inherited: the worker's progress lines reach the user as they come
+            code = subprocess.run([sys.executable, "-m", "benchmarks.runner_worker",
+                                   str(job_file)], check=False,
+                                  stdout=subprocess.DEVNULL).returncode
+            if result_file.exists():
+                outcome.merge(outcome_from_json(run_id, result_file.read_text()), label)
+        if code != 0:
+            outcome.errors[(label, "worker")] = f"the worker exited with status {code}"
+            say(f"{label} failed (exit status {code}); its stored trials are kept")
+        if outcome.out_of_time:
+            break
     history.finish_run(run_id)
+    return outcome
+
+
+def outcome_to_json(outcome: RunOutcome) -> str:
+    return json.dumps({"errors": [[*key, text] for key, text in outcome.errors.items()],
+                       "skipped": outcome.skipped, "out_of_time": outcome.out_of_time,
+                       "last_trials": outcome.last_trials})
+
+
+def outcome_from_json(run_id: int, text: str) -> RunOutcome:
+    data = json.loads(text)
+    return RunOutcome(run_id, errors={(e, w): t for e, w, t in data["errors"]},
+                      skipped=[tuple(s) for s in data["skipped"]],
+                      out_of_time=data["out_of_time"], last_trials=data["last_trials"])
+
+
+def run_worker(job: dict, history: History, say: Progress) -> RunOutcome:
+    """One worker's part of a run (``job`` as ``_run_workers`` writes it)."""
+    from benchmarks import engines as bench_engines
+    from benchmarks import workloads
+
+    plan = RunPlan(
+        engines=[bench_engines.TimedEngine.from_spec(spec, job["model"]) for spec in job["specs"]],
+        model=job["model"], workloads=workloads.resolve(",".join(job["workloads"])),
+        measure_bandwidth=False, time_budget_s=job["time_budget_s"],
+        **job["design"],
+    )
+    started = time.monotonic()
+    outcome = RunOutcome(job["run_id"])
+    engines, outcome.errors = _load(plan, say)
+    try:
+        _measure(plan, engines, history, outcome, say, started, job["first_trials"],
+                 tags={"process": job["process"], "pid": os.getpid()}, total=job["total"])
+    finally:
+        for engine in engines:
+            engine.close()
     return outcome
 
 
