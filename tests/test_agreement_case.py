@@ -188,3 +188,56 @@ def test_on_smollm2_the_reference_passes_live_and_against_its_snapshot():
         result = judged(live.engine, oracle, case)
         assert result.verdict == PASS, result.findings
         assert result.findings[0].summary.startswith("pass: 128 positions of prose ")
+
+
+def test_a_failing_agreement_case_reports_the_worst_position_field_by_field():
+    """Every field of the finding, recomputed here from both sides' scores with the
+    agreement functions: which position, the text before it, both top tokens and lists."""
+    from conformance.agreement import breaches, position, summarize, worst_position
+    from conformance.catalogue import build_request
+    from conformance.oracle import REFERENCE_TOP
+    from engines.protocol import ScoreRequest
+
+    oracle = dummy_oracle()
+    engine = ScoreChunksForgetContext(SOURCE)
+    case = next(c for c in agreement_of("dummy") if c.id == "agreement/code")
+    profile = oracle.default_profile()
+    (finding,) = judged(engine, oracle, case).failures()
+
+    tokens = build_request(case.request, oracle).prompt[: case.params["positions"] + 1]
+    request = ScoreRequest(prompt=tokens[:1], continuation=tokens[1:], top_logprobs=REFERENCE_TOP)
+    expected = oracle.answer_score(request).events
+    actual = engine.score(request)
+    measured = [
+        position("code", i + 1, e.top_logprobs, a.top_logprobs, profile.tie_epsilon)
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True))
+    ]
+    broken = breaches(summarize(measured), profile.agreement)
+    worst = worst_position(measured, broken[0].metric)
+    ref, eng = expected[worst.index - 1], actual[worst.index - 1]
+    show = oracle.token_text
+
+    assert finding.check == "agreement vs reference"
+    assert finding.summary == (
+        f"FAIL: {'; '.join(map(str, broken))} (profile fp32); worst position {worst.index}"
+    )
+    d = finding.diagnostic
+    assert (d.kind, d.step) == ("agreement", worst.index)
+    assert d.context == oracle.decode(tokens[max(0, worst.index - 12) : worst.index])
+    assert (d.expected_token, d.actual_token) == (ref.top_logprobs[0][0], eng.top_logprobs[0][0])
+    assert (d.expected_text, d.actual_text) == (show(d.expected_token), show(d.actual_token))
+    for listed, event in ((d.expected_top, ref), (d.actual_top, eng)):
+        assert [(r.token, r.text, r.logprob) for r in listed] == [
+            (t, show(t), lp) for t, lp in event.top_logprobs[:5]
+        ]
+    lines = finding.details.splitlines()
+    assert lines[0] == finding.summary
+    assert lines[1].startswith(f"  {len(measured)} positions of code (top {REFERENCE_TOP} per side)")
+    assert f"  {engine.name} top-5: " in finding.details
+    assert f"the text goes on with {show(tokens[worst.index])!r}" in d.detail
+
+
+def test_a_passing_agreement_case_is_one_finding_that_passes():
+    (finding,) = judged(dummy_oracle().engine, dummy_oracle(), agreement_of("dummy")[0]).findings
+    assert (finding.check, finding.verdict) == ("agreement vs reference", PASS)
+    assert finding.summary.startswith("pass: 128 positions of ")
