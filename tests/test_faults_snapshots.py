@@ -130,6 +130,7 @@ def test_two_answers_to_one_request_that_differ_are_a_conflict(folder):
             "vocab_size: expected a positive integer",
         ),
     ],
+    ids=["not-gzip", "not-an-object", "vocab-size-0"],  # gzip bytes carry a timestamp
 )
 def test_a_damaged_vocabulary_is_refused(folder, content, message):
     path = folder / "dummy" / "vocabulary.json.gz"
