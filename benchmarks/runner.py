@@ -167,8 +167,7 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None,
     try:
         run_id = _start(plan, engines, history, say)
         if plan.processes > 1:
-            for engine in engines:  # the workers load their own; free the memory first
-                engine.close()
+            _close(engines)  # the workers load their own; free the memory first
             return _run_workers(plan, history, str(db or history.path), run_id,
                                 RunOutcome(run_id, errors=load_errors), say)
         outcome = RunOutcome(run_id, errors=load_errors)
@@ -176,8 +175,13 @@ def run(plan: RunPlan, history: History, progress: Progress | None = None,
         history.finish_run(run_id)
         return outcome
     finally:
-        for engine in engines:
-            engine.close()
+        _close(engines)
+
+
+def _close(engines: list) -> None:
+    """Close each engine once, emptying ``engines``."""
+    while engines:
+        engines.pop().close()
 
 
 def _start(plan: RunPlan, engines, history: History, say) -> int:

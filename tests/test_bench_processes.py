@@ -12,6 +12,7 @@ from benchmarks.instruments import SyntheticEngine
 
 FAST = "synthetic:step_ms=0.2:prefill_us=2"
 FAIL_FILE = "LMCONFORM_TEST_FAIL_FILE"
+CLOSE_FILE = "LMCONFORM_TEST_CLOSE_FILE"
 
 
 class FailsInSecondWorker(SyntheticEngine):
@@ -27,6 +28,15 @@ class FailsInSecondWorker(SyntheticEngine):
             if loads == 2:
                 raise RuntimeError("broken in worker 2")
         super().__init__(*args, **kwargs)
+
+
+class CountsCloses(SyntheticEngine):
+    """The synthetic engine, writing the pid of each process that closes it to a file."""
+
+    def close(self):
+        with open(os.environ[CLOSE_FILE], "a") as log:
+            log.write(f"{os.getpid()}\n")
+        super().close()
 
 
 @pytest.fixture
@@ -95,6 +105,19 @@ def test_a_failing_worker_fails_the_run_and_keeps_the_others(db, tmp_path, monke
     found = trials(db)
     assert {t for e, t in found if e == "flaky"} == {1, 3}  # block 2 ran without it
     assert {t for e, t in found if e == "synthetic"} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_process_closes_its_engine_once(db, tmp_path, monkeypatch, processes):
+    closes = tmp_path / "closes"
+    monkeypatch.setenv(CLOSE_FILE, str(closes))
+    tests = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    engine = "test_bench_processes:CountsCloses:name=counted"
+    assert run(db, engine, "--processes", processes, "--trials", 2, model="dummy") == 0
+    pids = closes.read_text().split()
+    assert pids.count(str(os.getpid())) == 1  # the parent's copy, before or after the workers
+    assert len(pids) == processes + (processes > 1)  # and each worker's own
 
 
 @pytest.mark.parametrize("extra", [("--processes", "0"), ("--processes", "65"),
