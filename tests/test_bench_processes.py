@@ -3,12 +3,14 @@
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import cli as cli_bench
 from benchmarks.history import History
 from benchmarks.instruments import SyntheticEngine
+from benchmarks.runner import RunPlan, worker_plan
 
 FAST = "synthetic:step_ms=0.2:prefill_us=2"
 FAIL_FILE = "LMCONFORM_TEST_FAIL_FILE"
@@ -132,3 +134,35 @@ def test_bad_process_counts_are_input_errors(db, capsys, extra):
     # argparse's usage lines may come first; the error itself is one line
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--processes" in errors[0]
+
+
+def plan_for(**settings) -> RunPlan:
+    engines = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    return RunPlan(engines=engines, model="dummy", workloads=[], specs=["a", "b"], **settings)
+
+
+def test_fixed_trials_are_shared_out_with_the_remainder_first():
+    plan = plan_for(trials=7, processes=3, order_seed=10, time_budget_s=90.0)
+    parts = [worker_plan(plan, k) for k in (1, 2, 3)]
+    assert [p["design"]["trials"] for p in parts] == [3, 2, 2]
+    assert [p["design"]["order_seed"] for p in parts] == [11, 12, 13]  # no order repeated
+    assert [p["time_budget_s"] for p in parts] == [30.0, 30.0, 30.0]
+    assert all("processes" not in p["design"] for p in parts)  # a worker runs in process
+
+
+@pytest.mark.parametrize(
+    ("processes", "min_trials", "max_trials", "expected"),
+    [
+        (4, 6, 200, (2, 50)),  # min 6/4 rounds up to 2; max 200/4
+        (3, 20, 200, (7, 67)),  # both round up, so the workers together do at least the plan's
+        (3, 6, 5, (2, 2)),  # an interval needs two blocks
+        (4, 6, 3, (1, 1)),  # ...but never more than the worker's maximum
+    ],
+)
+def test_auto_trials_split_min_max_and_budget(processes, min_trials, max_trials, expected):
+    plan = plan_for(trials="auto", processes=processes, min_trials=min_trials,
+                    max_trials=max_trials, auto_budget_s=60.0)
+    for k in range(1, processes + 1):
+        design = worker_plan(plan, k)["design"]
+        assert (design["min_trials"], design["max_trials"]) == expected
+        assert design["trials"] == "auto" and design["auto_budget_s"] == 60.0 / processes
