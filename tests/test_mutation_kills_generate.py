@@ -1,6 +1,9 @@
 """reference/generate.py pinned down: the fields of every GenerationResponse (counts,
 rates, finish reasons), what ``generate(verbose=True)`` prints, BOS handling of string
-prompts, what speculative decoding refuses or drops, and the progress callback."""
+prompts, what speculative decoding refuses or drops, the progress callback, the
+defaults of generate_step, what the model is fed in place of a sampled id outside the
+vocabulary, the roll-back of a continued cache, the ids processors see, and models of
+one layer, no layer or a one-token vocabulary."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import mlx.core as mx
 import pytest
 
 from reference import generate, generate_step, stream_generate
-from reference.dummy import dummy_hf_tokenizer
+from reference.dummy import DUMMY_MODELS, dummy_config, dummy_hf_tokenizer, dummy_weights
 from reference.generate import as_wrapper, encode_prompt, roll_back
-from reference.kv_cache import KVCache, RotatingKVCache
+from reference.kv_cache import KVCache, RotatingKVCache, make_prompt_cache
+from reference.models import build_model
 from reference.tokenizer import TokenizerWrapper
 
 PROMPT = "The quick brown fox"
@@ -207,3 +211,160 @@ def test_rates_are_tokens_over_the_time_they_took(dummy):
     mx.reset_peak_memory()
     last = list(stream_generate(model, tokenizer, PROMPT, max_tokens=2))[-1]
     assert last.peak_memory == mx.get_peak_memory() / 1e9
+
+
+def greedy_ids(steps) -> list[int]:
+    return [token for token, _ in steps]
+
+
+def test_generate_step_stops_after_256_tokens_by_default(dummy_draft):
+    """The default max_tokens is 256, as in mlx-lm; a one-layer model (one cache) works."""
+    model, tokenizer = dummy_draft
+    ids = mx.array(tokenizer.encode(PROMPT))
+    assert len(greedy_ids(generate_step(ids, model))) == 256
+
+
+def test_prompts_are_prefilled_in_chunks_of_2048_by_default(dummy_draft):
+    model, _ = dummy_draft
+    ids = mx.arange(2050) % 200  # 2049 positions to prefill: a chunk of 2048, then one
+    calls = []
+    steps = generate_step(
+        ids, model, max_tokens=1, prompt_progress_callback=lambda *call: calls.append(call)
+    )
+    list(steps)
+    assert calls == [(0, 2050), (2048, 2050), (2049, 2050), (2050, 2050)]
+
+
+def test_progress_reports_the_whole_prompt_before_the_first_token_is_handed_out(dummy):
+    model, tokenizer = dummy
+    ids = mx.array(tokenizer.encode(PROMPT))
+    calls = []
+    steps = generate_step(
+        ids, model, max_tokens=3, prompt_progress_callback=lambda *call: calls.append(call)
+    )
+    next(steps)
+    assert calls == [(0, ids.size), (ids.size - 1, ids.size), (ids.size, ids.size)]
+    list(steps)
+    assert calls[-1] == (ids.size, ids.size) and len(calls) == 3
+
+
+def test_a_failure_in_a_continued_cache_rolls_back_to_where_the_call_found_it(dummy):
+    """With a cache that already holds a conversation, a failure before the first token
+    leaves what the cache held; one after a token leaves that plus the prompt and token."""
+    model, tokenizer = dummy
+    first = mx.array(tokenizer.encode(PROMPT))
+    second = mx.array(tokenizer.encode(" jumps"))
+    for fail_at, kept_new in ((2, 0), (3, second.size + 1)):
+        cache = make_prompt_cache(model)
+        list(generate_step(first, model, max_tokens=2, prompt_cache=cache))
+        start = cache[0].offset
+        before = [mx.array(layer.state[0][..., :start, :]) for layer in cache]
+        calls = []
+
+        def failing(logprobs, calls=calls, fail_at=fail_at):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("sampler failed")
+            return mx.argmax(logprobs, axis=-1)
+
+        steps = generate_step(second, model, max_tokens=4, sampler=failing, prompt_cache=cache)
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            list(steps)
+        assert [layer.offset for layer in cache] == [start + kept_new] * len(cache)
+        for layer, kept in zip(cache, before):
+            assert mx.array_equal(layer.state[0][..., :start, :], kept)
+
+
+class Layerless:
+    """A bigram model: ``dummy``'s embedding, final norm and head with no layer between,
+    so its prompt cache is an empty list."""
+
+    layers: tuple = ()
+
+    def __init__(self, model):
+        self.args, self.model, self.lm_head = model.args, model.model, model.lm_head
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        return self.lm_head(self.model.norm(self.model.embed(inputs, input_embeddings)))
+
+
+def test_a_model_without_layers_generates_from_an_empty_cache(dummy):
+    model, tokenizer = dummy
+    bigram = Layerless(model)
+    ids = tokenizer.encode(PROMPT)
+    expected = [ids[-1]]
+    for _ in range(3):
+        expected.append(mx.argmax(bigram(mx.array([[expected[-1]]]))[0, -1]).item())
+    assert greedy_ids(generate_step(mx.array(ids), bigram, max_tokens=3)) == expected[1:]
+
+
+def test_logits_processors_see_token_ids_of_the_prompts_integer_type(dummy):
+    model, tokenizer = dummy
+    ids = tokenizer.encode(PROMPT)
+    seen = []
+
+    def spy(tokens, logits):
+        seen.append((tokens.dtype, tokens.tolist()))
+        return logits
+
+    for dtype in (mx.int32, mx.uint32):
+        seen.clear()
+        steps = generate_step(mx.array(ids, dtype=dtype), model, max_tokens=2,
+                              logits_processors=[spy])  # fmt: skip
+        tokens = greedy_ids(steps)
+        assert seen[0] == (dtype, ids)
+        assert all(mx.issubdtype(d, mx.integer) for d, _ in seen)
+        assert [values for _, values in seen] == [ids, ids + tokens[:1], ids + tokens]
+
+
+class Recording:
+    """A model that records every batch of token ids it is fed."""
+
+    def __init__(self, model):
+        self.inner, self.fed = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        self.fed.append(inputs.tolist())
+        return self.inner(inputs, cache=cache, input_embeddings=input_embeddings)
+
+
+@pytest.mark.parametrize("bad", [260, 261, -1])
+def test_a_sampled_id_outside_the_vocabulary_is_refused_and_the_model_is_fed_0(dummy, bad):
+    """The dummy vocabulary is [0, 260): the bad id (the step after it already queued)
+    reaches the model as 0, then the error; the cache keeps the prompt and one token."""
+    model, tokenizer = dummy
+    ids = tokenizer.encode(PROMPT)
+    recording = Recording(model)
+    calls = []
+
+    def sampler(logprobs):
+        calls.append(1)
+        return mx.array([bad]) if len(calls) == 2 else mx.argmax(logprobs, axis=-1)
+
+    cache = make_prompt_cache(model)
+    steps = generate_step(mx.array(ids), recording, max_tokens=4, sampler=sampler,
+                          prompt_cache=cache)  # fmt: skip
+    first = next(steps)[0]
+    with pytest.raises(ValueError) as raised:
+        next(steps)
+    assert str(raised.value) == f"the sampler chose token {bad}, outside the vocabulary [0, 260)"
+    assert recording.fed == [[ids[:-1]], [ids[-1:]], [[first]], [[0]]]
+    assert cache[0].offset == len(ids) + 1
+
+
+def one_token_vocabulary_model():
+    """``dummy-draft`` (one layer) with a vocabulary of one token."""
+    spec = DUMMY_MODELS["dummy-draft"]
+    model = build_model(dummy_config(spec) | {"vocab_size": 1})
+    model.load_weights(list(dummy_weights(model, spec).items()))
+    return model
+
+
+def test_with_a_one_token_vocabulary_each_logprobs_is_a_vector_of_one_zero():
+    steps = list(generate_step(mx.array([0, 0, 0]), one_token_vocabulary_model(), max_tokens=2))
+    assert [token for token, _ in steps] == [0, 0]
+    for _, logprobs in steps:
+        assert logprobs.shape == (1,) and logprobs.tolist() == [0.0]
