@@ -134,6 +134,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     # A glob key also serves each file it covers (``conformance/checks/sampling.py``).
     "conformance/checks/*": (
         "tests/test_mutation_kills_checks.py",
+        "tests/test_mutation_kills_checks_batch.py",
         "tests/test_agreement_case.py",
         "tests/test_resumption.py::test_a_noisy_but_correct_engine_passes_with_its_near_tie_counted",
         "tests/test_conformance_catalogue.py",
@@ -153,6 +154,11 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_conformance_validation.py",
     ),
 }
+
+def test_file_exists(test: str) -> bool:
+    """``test`` is a test file, or a node id (``file::function``) as MODULE_TESTS has."""
+    return (ROOT / test.partition("::")[0]).is_file()
+
 
 # mutmut's statuses: which count as caught, which as not, which are left out of the score.
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -500,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{module}: not in MODULE_TESTS{did_you_mean(module, MODULE_TESTS)}; "
                          f"choose from {', '.join(MODULE_TESTS)}")
     for test in args.tests or []:
-        if not (ROOT / test).is_file():
+        if not test_file_exists(test):
             parser.error(f"--tests {test}: no such file")
     modules = args.modules or list(MODULE_TESTS)
     if args.changed:

@@ -45,8 +45,16 @@ def test_every_mapped_module_and_test_file_exists():
         assert sources, module
         for test in tests:
             path, _, function = test.partition("::")  # a file, or a test function's node id
-            assert (root / path).is_file(), test
+            assert mutation.test_file_exists(test), test
             assert not function or f"def {function}(" in (root / path).read_text(), test
+
+
+def test_tests_may_be_files_or_node_ids_of_existing_files():
+    """--tests takes what MODULE_TESTS holds: node ids were refused as 'no such file'."""
+    assert mutation.test_file_exists("tests/test_thresholds.py")
+    assert mutation.test_file_exists("tests/test_thresholds.py::test_the_tolerance_formula")
+    assert not mutation.test_file_exists("tests/no_such.py::test_the_tolerance_formula")
+    assert not mutation.test_file_exists("tests")  # a folder is not a test file
 
 
 @pytest.mark.parametrize(
@@ -112,6 +120,7 @@ BAD_ARGUMENTS = {
     "a misspelt module": (["conformance/comparater.py"], "did you mean 'conformance/comparator.py'"),
     "a module twice": (["conformance/profiles.py", "conformance/profiles.py"], "given twice"),
     "--tests missing file": (["--tests", "tests/no_such_test.py"], "no such file"),
+    "--tests node id in a missing file": (["--tests", "tests/no_such.py::test_x"], "no such file"),
     "--budget twice": (["--budget", "5", "--budget", "6"], "given twice"),
 }
 
