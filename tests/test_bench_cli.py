@@ -62,10 +62,12 @@ def test_show_rebuilds_the_table_of_a_stored_run(db, capsys):
 
 
 def test_compare_exits_nonzero_on_a_regression_and_zero_otherwise(db, capsys):
-    run_synthetic(db)  # run 1
-    # The same engine, every decode step twice as long, recorded under the same name.
-    assert bench("--engines", FAST + ":slowdown=1.0", "--model", "synthetic", "--workloads",
-                 "decode-16", "--trials", 5, "--no-bandwidth", "--db", db) == 0  # run 2
+    # Steps long enough (16 x 3 ms) that a doubled decode stands out of a trial's fixed
+    # costs in wall and CPU time also on a loaded machine (0.5 ms steps did not at load 8).
+    engine = "synthetic:step_ms=3:prefill_us=2"
+    for slowdown in ("", ":slowdown=1.0"):  # run 1; run 2: every decode step twice as long
+        assert bench("--engines", engine + slowdown, "--model", "synthetic", "--workloads",
+                     "decode-16", "--trials", 5, "--no-bandwidth", "--db", db) == 0
     capsys.readouterr()
     assert bench("compare", "--db", db) == 1  # previous vs latest
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ The suites are run for real, in a subprocess, on the synthetic engine (seconds,
 not minutes); the default ``pytest`` must not collect them.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from benchmarks import fingerprint
 from benchmarks.history import History
 
 REPO = Path(__file__).resolve().parents[1]
+# A pytest started from a pytest-xdist worker must not believe it is one: pytest-benchmark
+# reads PYTEST_XDIST_WORKER and disables itself (no JSON written).
+ENV = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
 
 
 def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp_path):
@@ -20,7 +24,7 @@ def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider",
          "--bench-engines", "synthetic", "--bench-rounds", "2", f"--benchmark-json={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "11 passed" in done.stdout
@@ -46,7 +50,7 @@ def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp
 def test_default_pytest_run_does_not_collect_the_benchmark_suites():
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False,
     )
     assert "tests/test_bench_suites.py" in done.stdout  # it did collect the project's tests
     assert "benchmarks/" not in done.stdout
