@@ -198,10 +198,12 @@ def test_record_keeps_a_failures_whole_account_and_a_refusals_first_line():
     crash = "crashed; the engine's stderr ends with:\n  | Traceback"
     record(ctx, "q", Refusal(False, crash))
     record(ctx, "r", Refusal(True, "first\nsecond"))
+    record(ctx, "s", Refusal(True, "refused: no; the engine's stderr ends with:\n  | warning"))
     assert ctx.added == [
         ("p", PASS, "pass: bad"),
         ("q", FAIL, f"FAIL: e, q: {crash}"),
         ("r", PASS, "pass: first"),
+        ("s", PASS, "pass: refused: no"),  # the stderr it wrote is not part of the refusal
     ]
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from conformance.checks.context import CaseContext, describe_overrides
 from conformance.comparator import PASS
 from engines.adapters.cmd import CmdEngine
+from engines.adapters.line_process import without_stderr_note
 from engines.protocol import GenerateRequest, SamplerSettings, Unsupported
 
 
@@ -71,7 +72,7 @@ def refusal(engine, request: GenerateRequest) -> Refusal:
 
 def record(ctx: CaseContext, label: str, outcome: Refusal) -> None:
     if outcome.refused:
-        shown = outcome.account.splitlines()[0].split("; the engine ")[0]  # no stderr tail
+        shown = without_stderr_note(outcome.account).splitlines()[0]
         ctx.add(label, PASS, f"pass: {shown}")
     else:
         ctx.fail(label, f"FAIL: {ctx.engine_name}, {label}: {outcome.account}")

@@ -80,6 +80,18 @@ def stop_all() -> int:
     return len(processes)
 
 
+# The two forms of the stderr report appended to a failure's message (``stderr_note``).
+NO_STDERR = "; the engine wrote nothing to stderr"
+STDERR_TAIL = "; the engine's stderr ends with:\n"
+
+
+def without_stderr_note(message: str) -> str:
+    """``message`` up to the stderr report a JSON-lines engine's failure carries."""
+    for note in (NO_STDERR, STDERR_TAIL):
+        message = message.split(note)[0]
+    return message
+
+
 class EngineFailure(Exception):
     """The engine process failed, rather than breaking a rule of the protocol."""
 
@@ -254,9 +266,9 @@ class LineProcess:
             self._settle_stderr()
         tail = self.stderr_tail()
         if not tail:
-            return "; the engine wrote nothing to stderr"
+            return NO_STDERR
         lines = "\n".join("  | " + line for line in tail.splitlines())
-        return "; the engine's stderr ends with:\n" + lines
+        return STDERR_TAIL + lines
 
     def _settle_stderr(self, quiet: float = 0.05, limit: float = 0.5) -> None:
         end = time.monotonic() + limit
