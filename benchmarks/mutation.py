@@ -135,6 +135,8 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     "conformance/checks/*": (
         "tests/test_mutation_kills_checks.py",
         "tests/test_mutation_kills_checks_batch.py",
+        "tests/test_mutation_kills_checks_stream_cache.py",
+        "tests/test_validation_case.py",
         "tests/test_agreement_case.py",
         "tests/test_resumption.py::test_a_noisy_but_correct_engine_passes_with_its_near_tie_counted",
         "tests/test_conformance_catalogue.py",
