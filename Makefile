@@ -33,8 +33,11 @@ run: $(STAMP)
 		echo "reports: .lmconform/check.{json,md,xml}"; \
 		[ $$status -le 1 ]
 
+# Two test workers (pytest-xdist), one per core here; worksteal evens out the long tests.
+# `make test TEST_WORKERS=0` runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check reference engines conformance benchmarks lmconform tests

@@ -4,19 +4,17 @@ The suites are run for real, in a subprocess, on the synthetic engine (seconds,
 not minutes); the default ``pytest`` must not collect them.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from child_process import child_env
 
 from benchmarks import cli as cli_bench
 from benchmarks import fingerprint
 from benchmarks.history import History
 
 REPO = Path(__file__).resolve().parents[1]
-# A pytest started from a pytest-xdist worker must not believe it is one: pytest-benchmark
-# reads PYTEST_XDIST_WORKER and disables itself (no JSON written).
-ENV = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
 
 
 def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp_path):
@@ -24,7 +22,7 @@ def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider",
          "--bench-engines", "synthetic", "--bench-rounds", "2", f"--benchmark-json={out}"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "11 passed" in done.stdout
@@ -50,7 +48,7 @@ def test_suites_run_on_any_engine_and_their_json_ingests_as_a_comparable_run(tmp
 def test_default_pytest_run_does_not_collect_the_benchmark_suites():
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert "tests/test_bench_suites.py" in done.stdout  # it did collect the project's tests
     assert "benchmarks/" not in done.stdout

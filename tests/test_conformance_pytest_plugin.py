@@ -11,12 +11,14 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from child_process import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = "greedy/hello,stopping/max_tokens_exact,batch/needle,sampling/top_k"
 
 
 def run(args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     return subprocess.run(
         [sys.executable, *args],
         cwd=tmp_path,

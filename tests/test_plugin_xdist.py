@@ -11,6 +11,8 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from child_process import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["reference", "mutants:NoisyLogits", "mutants:EosIgnored"]
 CASES = "greedy/hello,resumption/near_tie,stopping/stop_token"
@@ -18,7 +20,7 @@ CASES = "greedy/hello,resumption/near_tie,stopping/stop_token"
 
 def conformance_pytest(tmp_path, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     """``pytest --pyargs conformance`` on ``dummy``; its output and each test's outcome."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     junit = tmp_path / f"{name}.xml"
     args = [sys.executable, "-m", "pytest", "--pyargs", "conformance", "-p", "no:cacheprovider",
             *[a for engine in ENGINES for a in ("--lmconform-engine", engine)],
