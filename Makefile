@@ -26,9 +26,11 @@ install: $(STAMP)
 # The main job: the default conformance matrix (reference and installed peers on
 # dummy and smollm2-135m). Exit status 1 means "an engine failed a case", which is a
 # finding, not a broken job; anything else non-zero is an error.
+# Two worker processes (-j), one per core here: the same verdicts and reports as one.
+CHECK_JOBS ?= 2
 run: $(STAMP)
 	mkdir -p .lmconform
-	$(BIN)/lmconform check --json .lmconform/check.json --markdown .lmconform/check.md \
+	$(BIN)/lmconform check -j $(CHECK_JOBS) --json .lmconform/check.json --markdown .lmconform/check.md \
 		--junit .lmconform/check.xml; status=$$?; \
 		echo "reports: .lmconform/check.{json,md,xml}"; \
 		[ $$status -le 1 ]
