@@ -144,8 +144,17 @@ def test_a_snapshot_score_answer_shorter_than_the_text_fails_instead_of_judging_
 # -- conformance/checks/context.py: judge_sampled's reference lookup ---------------------------
 
 
+def passed(tokens: int) -> str:
+    return (
+        f"pass: {tokens} sampled tokens of the answer on its own path: each allowed by the "
+        "settings, logprobs agree"
+    )
+
+
 def sampled_context(oracle) -> CaseContext:
-    return CaseContext(dummy_case("greedy/hello"), Control(SOURCE), oracle, oracle.default_profile())
+    return CaseContext(
+        dummy_case("greedy/hello"), Control(SOURCE), oracle, oracle.default_profile()
+    )
 
 
 def test_a_sampled_token_outside_the_references_top_20_is_judged_on_its_own_logprob():
@@ -167,8 +176,7 @@ def test_a_sampled_token_outside_the_references_top_20_is_judged_on_its_own_logp
         (
             "far token",
             PASS,
-            "pass: 1 sampled tokens of the answer on its own path: each allowed by the "
-            "settings, logprobs agree",
+            passed(1),
         )
     ]
 
@@ -198,8 +206,7 @@ def test_tokens_an_oracle_does_not_list_count_as_impossible_on_a_sampled_path():
         (
             "capped oracle",
             PASS,
-            "pass: 4 sampled tokens of the answer on its own path: each allowed by the "
-            "settings, logprobs agree",
+            passed(4),
         )
     ]
 
@@ -210,7 +217,7 @@ def test_tokens_an_oracle_does_not_list_count_as_impossible_on_a_sampled_path():
 def test_a_changed_request_does_not_stop_the_comparison_of_the_next_answer():
     old = read_group(GOLDEN_DIR, "dummy", "sampling")
     new = group_from_json(group_to_json(old))
-    case_id, case = next((i, c) for i, c in sorted(new.cases.items()) if len(c.answers) >= 2)
+    case = next(c for _, c in sorted(new.cases.items()) if len(c.answers) >= 2)
     first, second = case.answers[0], case.answers[1]
     first.request = {**first.request, "max_tokens": 2}
     second.trace.events[0] = replace(second.trace.events[0], token=3)
@@ -219,4 +226,3 @@ def test_a_changed_request_does_not_stop_the_comparison_of_the_next_answer():
     assert len(whats) == 2, whats
     assert whats[0].startswith("answer 0 (") and whats[0].endswith(": the request changed")
     assert whats[1].startswith("answer 1 (") and whats[1].endswith(":")
-    assert case_id
