@@ -137,6 +137,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_mutation_kills_checks_batch.py",
         "tests/test_mutation_kills_checks_stream_cache.py",
         "tests/test_validation_case.py",
+        "tests/test_mutation_kills_leftovers.py",
         "tests/test_agreement_case.py",
         "tests/test_resumption.py::test_a_noisy_but_correct_engine_passes_with_its_near_tie_counted",
         "tests/test_conformance_catalogue.py",
@@ -145,6 +146,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     # test_snapshots.py also runs every model's golden snapshot (minutes): its comparison tests.
     "conformance/snapshots/compare.py": (
         "tests/test_mutation_kills_snapshot_compare.py",
+        "tests/test_mutation_kills_leftovers.py",
         "tests/test_snapshots.py::test_last_digit_float_changes_match",
         "tests/test_snapshots.py::test_a_logprob_beyond_the_tolerance_fails_with_the_step",
         "tests/test_snapshots.py::test_a_changed_token_fails_with_case_step_and_both_tokens",
