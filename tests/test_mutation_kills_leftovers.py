@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from agreement_engines import NoisyScores, SmallNoise, noisy_logprobs
 from conformance_helpers import dummy_case, dummy_oracle
 from mutants import Control
@@ -18,7 +19,7 @@ from mutants import Control
 from conformance.agreement import breaches, position, summarize, worst_position
 from conformance.catalogue import build_request, load_cases, select_cases
 from conformance.checks.context import CaseContext
-from conformance.comparator import FAIL, PASS
+from conformance.comparator import PASS
 from conformance.oracle import REFERENCE_TOP
 from conformance.profiles import AgreementLimits
 from conformance.runner import run_case
@@ -28,6 +29,7 @@ from conformance.snapshots.recorder import EngineOracle
 from conformance.snapshots.store import (
     GOLDEN_DIR,
     VOCABULARY_FILE,
+    SnapshotError,
     group_from_json,
     group_to_json,
     read_group,
@@ -117,28 +119,32 @@ def test_a_broken_dp_limit_names_the_worst_dp_in_the_diagnostic():
     assert finding.diagnostic.detail.startswith(f"|dp| p99 is worst here (dp {worst.dp:+.3g}); ")
 
 
-def test_a_snapshot_score_answer_shorter_than_the_text_fails_instead_of_judging_fewer_positions(
-    tmp_path,
+@pytest.mark.parametrize("damage", ["one step short", "a token changed"])
+def test_a_snapshot_score_answer_that_does_not_follow_its_text_is_refused_on_loading(
+    tmp_path, damage
 ):
-    """The reference's side is the stored score answer: one step short of the text (a
-    hand-edited or damaged file; loading does not count the steps) must not let the case
-    pass on the positions both sides happen to have."""
+    """The reference's side of an agreement case is the stored score answer: one whose
+    steps are not the scored text (a hand-edited or damaged file) is a broken snapshot,
+    refused when read, naming the answer; it must neither pass the case on the positions
+    both sides happen to have nor blame the engine for it."""
     folder = tmp_path / "dummy"
     folder.mkdir()
     shutil.copy(GOLDEN_DIR / "dummy" / VOCABULARY_FILE, folder / VOCABULARY_FILE)
     group = json.loads((GOLDEN_DIR / "dummy" / "agreement.json").read_text())
     (answer,) = [a for a in group["cases"]["agreement/code"]["answers"] if a["kind"] == "score"]
-    answer["steps"] = answer["steps"][:-1]
+    if damage == "one step short":
+        answer["steps"] = answer["steps"][:-1]
+    else:
+        answer["steps"][3]["token"] += 1
     (folder / "agreement.json").write_text(json.dumps(group))
 
-    oracle = dummy_oracle()
-    case = agreement_case("code")
-    assert run_case(case, oracle.engine, oracle, oracle.default_profile()).verdict == PASS
-    damaged = SnapshotOracle("dummy", tmp_path)
-    assert damaged.missing(case) is None
-    result = run_case(case, oracle.engine, damaged, oracle.default_profile())
-    assert result.verdict == FAIL
-    assert not any(f.verdict == PASS for f in result.findings)
+    with pytest.raises(SnapshotError) as error:
+        SnapshotOracle("dummy", tmp_path)
+    assert str(error.value) == (
+        f"{folder / 'agreement.json'}: cases['agreement/code'].answers[0].steps: a score "
+        "answer has one step per token of its request's continuation (128 tokens), in "
+        f"order; got {127 if damage == 'one step short' else 128} steps that differ"
+    )
 
 
 # -- conformance/checks/context.py: judge_sampled's reference lookup ---------------------------

@@ -384,6 +384,13 @@ def _answer_problem(answer: Any) -> str | None:
         problem = _step_problem(step, last=i == len(steps) - 1, kind=answer["kind"])
         if problem:
             return f"steps[{i}].{problem}"
+    if answer["kind"] == "score":  # teacher-forced: one step per token of the continuation
+        continuation = answer["request"].get("continuation", [])
+        if [step["token"] for step in steps] != continuation:
+            return (
+                f"steps: a score answer has one step per token of its request's continuation "
+                f"({len(continuation)} tokens), in order; got {len(steps)} steps that differ"
+            )
     return None
 
 
