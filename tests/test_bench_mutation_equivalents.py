@@ -65,3 +65,18 @@ def test_equivalents_leave_the_score_and_a_changed_mutant_does_not(tmp_path):
     assert (score.killed, score.checked) == (8, 10)
     assert score.score == 80.0
     assert "1 of them equivalent" in score.line()
+
+
+def test_the_projects_record_names_each_mutant_once_with_a_reason():
+    """A record written twice (two people appending at once) or without its reason would
+    silently take a mutant out of the score."""
+    tables = mutation.tomllib.loads(mutation.EQUIVALENTS.read_text())["mutant"]
+    names = [t["name"] for t in tables]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    modules = {m.removesuffix(".py").replace("/", ".") for m in mutation.MODULE_TESTS}
+    for table in tables:
+        assert set(table) == {"name", "line", "why"}, table["name"]
+        assert len(table["why"]) > 20, table["name"]
+        module = table["name"].split(".x")[0]
+        assert module in modules or f"{module.rsplit('.', 1)[0]}.*" in modules, table["name"]
+    assert len(tables) == len(mutation.load_equivalents())
