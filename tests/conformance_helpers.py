@@ -64,6 +64,34 @@ def dummy_case(case_id: str):
     return next(c for c in load_cases() if c.id == case_id)
 
 
+def run_dummy_case(case, engine, oracle=None):
+    """``case`` (a catalogue id, or a Case) run on ``engine`` against the live dummy
+    reference, or against ``oracle``, with the dummy model's default profile."""
+    from conformance.runner import run_case
+
+    case = dummy_case(case) if isinstance(case, str) else case
+    profile = dummy_oracle().default_profile()
+    return run_case(case, engine, dummy_oracle() if oracle is None else oracle, profile)
+
+
+def findings(result) -> list[tuple[str, str]]:
+    """A case result's findings as (check, verdict) pairs, in order."""
+    return [(f.check, f.verdict) for f in result.findings]
+
+
+def summary(result, check: str) -> str:
+    """The summary of the one finding named ``check``."""
+    [found] = [f.summary for f in result.findings if f.check == check]
+    return found
+
+
+def differs(expected_label: str, actual_label: str, step: int = 0) -> str:
+    """The start of the comparator's summary for a logprob difference at ``step``."""
+    return (
+        rf"^FAIL: logprob of .* at step {step} differs: {expected_label} [-+.e\d]+, {actual_label} "
+    )
+
+
 def _control():
     from mutants import Control
 

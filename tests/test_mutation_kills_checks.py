@@ -16,14 +16,22 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conformance_helpers import GreedyOnlyEngine, dummy_case, dummy_engine, dummy_oracle
+from conformance_helpers import (
+    GreedyOnlyEngine,
+    differs,
+    dummy_case,
+    dummy_engine,
+    dummy_oracle,
+    findings,
+    summary,
+)
+from conformance_helpers import run_dummy_case as run
 from mutants import Control
 
 from conformance.catalogue import Case, CatalogueError
 from conformance.checks import CHECKS, invariance, sampling
 from conformance.checks.context import ENGINE_TOP, CaseContext, describe_overrides, engine_top
 from conformance.comparator import FAIL, PASS
-from conformance.runner import run_case
 from engines.models import ModelSource
 from engines.protocol import (
     BatchRequest,
@@ -81,28 +89,6 @@ def oracle():
 @pytest.fixture(scope="module")
 def control():
     return Control(SOURCE)
-
-
-def run(case_id_or_case, engine):
-    oracle = dummy_oracle()
-    case = dummy_case(case_id_or_case) if isinstance(case_id_or_case, str) else case_id_or_case
-    return run_case(case, engine, oracle, oracle.default_profile())
-
-
-def findings(result) -> list[tuple[str, str]]:
-    return [(f.check, f.verdict) for f in result.findings]
-
-
-def summary(result, check: str) -> str:
-    [found] = [f.summary for f in result.findings if f.check == check]
-    return found
-
-
-def differs(expected_label: str, actual_label: str, step: int = 0) -> str:
-    """The start of the comparator's summary for a logprob difference at ``step``."""
-    return (
-        rf"^FAIL: logprob of .* at step {step} differs: {expected_label} -?[\d.]+, {actual_label} "
-    )
 
 
 # -- every kind has its check -------------------------------------------------------------------

@@ -12,39 +12,17 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from conformance_helpers import dummy_case, dummy_oracle
+from conformance_helpers import differs, dummy_case, dummy_oracle, findings, summary
+from conformance_helpers import run_dummy_case as run
 from mutants import Control
 
 from conformance.catalogue import Case, random_prompts
 from conformance.comparator import FAIL, PASS
-from conformance.runner import run_case
 from engines.models import ModelSource
 
 SOURCE = ModelSource("dummy", "builtin")
 SHIFT = 0.5  # a logprob shift far beyond any tolerance
 OUTSIDE = 100_000  # a token id outside the dummy vocabulary
-
-
-def run(case_id_or_case, engine):
-    oracle = dummy_oracle()
-    case = dummy_case(case_id_or_case) if isinstance(case_id_or_case, str) else case_id_or_case
-    return run_case(case, engine, oracle, oracle.default_profile())
-
-
-def findings(result) -> list[tuple[str, str]]:
-    return [(f.check, f.verdict) for f in result.findings]
-
-
-def summary(result, check: str) -> str:
-    [found] = [f.summary for f in result.findings if f.check == check]
-    return found
-
-
-def differs(expected_label: str, actual_label: str, step: int = 0) -> str:
-    """The start of the comparator's summary for a logprob difference at ``step``."""
-    return (
-        rf"^FAIL: logprob of .* at step {step} differs: {expected_label} [-+.e\d]+, {actual_label} "
-    )
 
 
 class Broken(Control):

@@ -14,23 +14,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from conformance_helpers import dummy_case, dummy_oracle, make_trace
+from conformance_helpers import run_dummy_case as run
 from mutants import Control
 
 from conformance.checks.sampled import SampledStep, judge_sampled_path
 from conformance.comparator import PASS
 from conformance.profiles import PROFILES
-from conformance.runner import run_case
 from engines.models import ModelSource
 from engines.protocol import SamplerSettings
 
 SOURCE = ModelSource("dummy", "builtin")
 OUTSIDE = 100_000  # a token outside the dummy's vocabulary
-
-
-def run(case, engine, oracle=None):
-    oracle = dummy_oracle() if oracle is None else oracle
-    case = dummy_case(case) if isinstance(case, str) else case
-    return run_case(case, engine, oracle, dummy_oracle().default_profile())
 
 
 class Recording(Control):

@@ -19,12 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conformance_helpers import dummy_case, dummy_oracle
+from conformance_helpers import dummy_case, dummy_oracle, findings
+from conformance_helpers import run_dummy_case as run
 from mutants import Control
 
 from conformance.checks.validation import Refusal, record, refusal, with_unknown_sampler_field
 from conformance.comparator import FAIL, PASS
-from conformance.runner import run_case
 from engines.models import ModelSource
 from engines.protocol import SamplerSettings, TokenEvent, Unsupported
 from engines.registry import open_engine
@@ -47,19 +47,9 @@ PROCESS_ONLY = "prompt_tokens=[72, 1000000]"
 UNKNOWN = "unknown field sampler.temperature"
 
 
-def run(case, engine):
-    oracle = dummy_oracle()
-    case = dummy_case(case) if isinstance(case, str) else case
-    return run_case(case, engine, oracle, oracle.default_profile())
-
-
 def with_params(**params):
     case = dummy_case(CASE)
     return replace(case, params={**case.params, **params})
-
-
-def findings(result) -> list[tuple[str, str]]:
-    return [(f.check, f.verdict) for f in result.findings]
 
 
 def summaries(result) -> dict[str, str]:
