@@ -7,7 +7,6 @@ the wall clock, not the CPU time a computation takes.
 
 import threading
 import time
-from statistics import median
 
 from benchmarks import runner, workloads
 from benchmarks.engines import TimedEngine, open_timed
@@ -80,8 +79,11 @@ def test_on_the_reference_the_slowed_copy_costs_its_fraction_of_the_decode_cpu_t
         decode.measure(engine)
         return time.process_time() - started
 
-    ratios = [cpu(slow) / cpu(plain) for _ in range(9)]
-    assert 1.3 < median(ratios) < 1.6, ratios
+    # 21 interleaved pairs, their CPU summed: one pair's ratio ranges 0.9-2.2 when another
+    # process (a second test worker) shares the cores; the sums' ratio stays at 1.40-1.50.
+    pairs = [(cpu(slow), cpu(plain)) for _ in range(21)]
+    ratio = sum(s for s, _ in pairs) / sum(p for _, p in pairs)
+    assert 1.3 < ratio < 1.6, pairs
 
 
 def test_the_runner_records_the_decode_phase_cpu_time_of_each_trial(tmp_path):
