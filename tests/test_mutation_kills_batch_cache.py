@@ -185,3 +185,18 @@ def test_no_mask_when_every_query_sees_every_key():
     assert batch.make_mask(1) is None  # one decoding step, no padding: nothing to hide
     batch.prepare([1, 0])
     assert batch.make_mask(1) is not None  # row 0's next column is padding
+
+
+def test_a_single_cache_holding_one_position_joins_the_batch_with_it():
+    cache = KVCache()
+    keys = mx.arange(8, dtype=mx.float32).reshape(1, 2, 1, 4)
+    cache.update_and_fetch(keys, keys + 1)
+    batch = BatchKVCache.from_single(cache)
+    assert batch.positions.tolist() == [[0]] and batch.next_position.tolist() == [1]
+    assert mx.array_equal(batch.keys, keys) and mx.array_equal(batch.values, keys + 1)
+
+
+def test_a_bounded_batch_cache_keeps_no_sink_positions_unless_told():
+    """As RotatingKVCache: ``keep`` defaults to 0, so the window is the whole max_size."""
+    batch = BatchKVCache(2, max_size=8)
+    assert (batch.keep, batch.window) == (0, 8)

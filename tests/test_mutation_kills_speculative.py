@@ -8,6 +8,7 @@ from itertools import islice
 
 import mlx.core as mx
 import pytest
+from test_mutation_kills_generate import one_token_vocabulary_model
 
 from reference import generate_step, make_logits_processors, make_prompt_cache
 from reference.kv_cache import KVCache, RotatingKVCache
@@ -148,3 +149,16 @@ def test_the_last_round_proposes_no_more_than_is_left_so_the_caches_hold_only_th
     # The target fed all 5 (the last is a proposal); the draft all but its last proposal.
     assert {c.offset for c in cache[:n]} == {len(prompt) + 5}
     assert {c.offset for c in cache[n:]} == {len(prompt) + 4}
+
+
+def test_with_a_one_token_vocabulary_each_logprobs_is_a_vector_of_one_zero():
+    """Each yielded logprobs is the vocabulary's vector even when that has one entry (a
+    squeeze of every unit axis would hand out a scalar)."""
+    model = one_token_vocabulary_model()
+    steps = list(speculative_generate_step(mx.array([0, 0, 0]), model, model, max_tokens=3))
+    # one round: both proposals (the default 2) accepted, then the target's own token
+    assert [(token, from_draft) for token, _, from_draft in steps] == [
+        (0, True), (0, True), (0, False)
+    ]
+    for _, logprobs, _ in steps:
+        assert logprobs.shape == (1,) and logprobs.tolist() == [0.0]
