@@ -159,7 +159,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-def test_file_exists(test: str) -> bool:
+def names_a_test_file(test: str) -> bool:
     """``test`` is a test file, or a node id (``file::function``) as MODULE_TESTS has."""
     return (ROOT / test.partition("::")[0]).is_file()
 
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{module}: not in MODULE_TESTS{did_you_mean(module, MODULE_TESTS)}; "
                          f"choose from {', '.join(MODULE_TESTS)}")
     for test in args.tests or []:
-        if not test_file_exists(test):
+        if not names_a_test_file(test):
             parser.error(f"--tests {test}: no such file")
     modules = args.modules or list(MODULE_TESTS)
     if args.changed:

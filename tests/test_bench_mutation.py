@@ -45,16 +45,16 @@ def test_every_mapped_module_and_test_file_exists():
         assert sources, module
         for test in tests:
             path, _, function = test.partition("::")  # a file, or a test function's node id
-            assert mutation.test_file_exists(test), test
+            assert mutation.names_a_test_file(test), test
             assert not function or f"def {function}(" in (root / path).read_text(), test
 
 
 def test_tests_may_be_files_or_node_ids_of_existing_files():
     """--tests takes what MODULE_TESTS holds: node ids were refused as 'no such file'."""
-    assert mutation.test_file_exists("tests/test_thresholds.py")
-    assert mutation.test_file_exists("tests/test_thresholds.py::test_the_tolerance_formula")
-    assert not mutation.test_file_exists("tests/no_such.py::test_the_tolerance_formula")
-    assert not mutation.test_file_exists("tests")  # a folder is not a test file
+    assert mutation.names_a_test_file("tests/test_thresholds.py")
+    assert mutation.names_a_test_file("tests/test_thresholds.py::test_the_tolerance_formula")
+    assert not mutation.names_a_test_file("tests/no_such.py::test_the_tolerance_formula")
+    assert not mutation.names_a_test_file("tests")  # a folder is not a test file
 
 
 @pytest.mark.parametrize(
